@@ -1,0 +1,43 @@
+"""dfmpc-fx: data-free mixed-precision compensation (DF-MPC) for PyTorch models, via torch.fx.
+
+    import dfmpc_fx
+    qmodel = dfmpc_fx.compress(model, dfmpc_fx.DFMPCConfig(low_bits=2, high_bits=6))
+"""
+from __future__ import annotations
+
+from .config import DFMPCConfig
+from .errors import ConfigError, DFMPCError, InvalidModelError, TraceError
+from .export import ExportError, export_torchscript
+from .modules import QuantConv1d, QuantConv2d, QuantLinear
+from .pairs import CompensablePair, PairSearch, Refusal, find_compensable_pairs
+from .quant import QuantizedWeight, fake_quantize_weight
+from .report import CompressionReport, LayerReport, get_report
+from .transform import NoCompensablePairWarning, compress, swap_compressed_modules
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DFMPCConfig",
+    "compress",
+    "find_compensable_pairs",
+    "get_report",
+    "export_torchscript",
+    "swap_compressed_modules",
+    "CompensablePair",
+    "Refusal",
+    "PairSearch",
+    "CompressionReport",
+    "LayerReport",
+    "QuantConv1d",
+    "QuantConv2d",
+    "QuantLinear",
+    "QuantizedWeight",
+    "fake_quantize_weight",
+    "DFMPCError",
+    "ConfigError",
+    "TraceError",
+    "InvalidModelError",
+    "ExportError",
+    "NoCompensablePairWarning",
+    "__version__",
+]

@@ -1,0 +1,87 @@
+"""Bit assignment over compensable pairs (the paper's Fig. 2 / Algorithm 1, made general).
+
+Pairs link layers into simple paths (a layer has at most one partner downstream and one
+upstream). A low-bit layer must be the first of a pair so that its error is compensated:
+paths with an even number of layers alternate low/high from the start (basic block: low-high),
+odd ones start high (bottleneck 1x1-3x3-1x1: high-low-high; plain chains likewise).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .config import DFMPCConfig
+from .pairs import CompensablePair, PairSearch
+
+LOW, HIGH, DEFAULT, FIRST_LAST, FLOAT = "low", "high", "default", "first_last", "float"
+
+
+@dataclass
+class BitPlan:
+    """Role and bit width (None: float) of every weighted layer, and the pairs that compensate."""
+
+    roles: dict[str, str]
+    bits: dict[str, Optional[int]]
+    active_pairs: list[CompensablePair]
+    excluded_pairs: list[tuple[CompensablePair, str]] = field(default_factory=list)
+
+    def pair_from(self, layer: str) -> Optional[CompensablePair]:
+        for p in self.active_pairs:
+            if p.first == layer:
+                return p
+        return None
+
+
+def assign_bits(search: PairSearch, cfg: DFMPCConfig) -> BitPlan:
+    layers = search.layers
+    pinned: dict[str, str] = {}
+    for name in cfg.skip_layers:
+        if name not in layers:
+            raise_unknown = [n for n in layers][:10]
+            from .errors import ConfigError
+
+            raise ConfigError(f"skip_layers names {name!r}, which is not a weighted layer; some are: {raise_unknown}")
+        pinned[name] = FLOAT
+    if cfg.first_last_bits is not None and layers:
+        for name in (layers[0], layers[-1]):
+            pinned.setdefault(name, FIRST_LAST)
+
+    usable: list[CompensablePair] = []
+    excluded: list[tuple[CompensablePair, str]] = []
+    for p in search.pairs:
+        if p.first in pinned or p.second in pinned:
+            which = p.first if p.first in pinned else p.second
+            why = "skipped by skip_layers" if pinned[which] == FLOAT else f"first/last layer kept at {cfg.first_last_bits} bits"
+            excluded.append((p, f"{which}: {why}"))
+        else:
+            usable.append(p)
+
+    succ = {p.first: p for p in usable}
+    preds = {p.second for p in usable}
+    roles: dict[str, str] = {}
+    active: list[CompensablePair] = []
+    for start in [p.first for p in usable if p.first not in preds]:
+        path = [start]
+        while path[-1] in succ:
+            path.append(succ[path[-1]].second)
+        offset = 0 if len(path) % 2 == 0 else 1
+        for i, name in enumerate(path):
+            roles[name] = LOW if (i + offset) % 2 == 0 else HIGH
+        for name in path[:-1]:
+            if roles[name] == LOW:
+                active.append(succ[name])
+            else:
+                excluded.append((succ[name], f"{name} is high-bit in its chain; its partner is low-bit and compensated downstream"))
+
+    bits: dict[str, Optional[int]] = {}
+    for name in layers:
+        if name in pinned:
+            roles[name] = pinned[name]
+            bits[name] = cfg.first_last_bits if pinned[name] == FIRST_LAST else None
+        elif name in roles:
+            bits[name] = cfg.low_bits if roles[name] == LOW else cfg.high_bits
+        elif cfg.default_bits is None:
+            roles[name], bits[name] = FLOAT, None
+        else:
+            roles[name], bits[name] = DEFAULT, cfg.default_bits
+    return BitPlan(roles=roles, bits=bits, active_pairs=active, excluded_pairs=excluded)

@@ -1,0 +1,238 @@
+"""Closed-form DF-MPC math as plain tensor functions (no fx, no Lightning).
+
+Notation (see docs/method.md): layer l has float weights ``W`` (reference) and quantized weights
+``Q``; its BatchNorm has ``gamma, beta, mu, sigma``; ``a = gamma/sigma * (W x - mu) + beta`` is
+the pre-activation the next layer sees through a positively homogeneous activation, and ``c_j``
+scales channel j of the quantized pre-activation so that ``c_j a^_j ~ a_j``.
+
+All functions work per output channel and accept weights of shape ``(C_out, C_in/groups, *k)``
+(conv) or ``(C_out, C_in)`` (linear); ``in_mean``/``in_var`` have one entry per *input* channel.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "ChannelMoments",
+    "relu_moments",
+    "leaky_relu_moments",
+    "weighted_channel_inner",
+    "expected_output",
+    "paper_coefficients",
+    "derived_coefficients",
+    "variance_matching_coefficients",
+    "mean_correction",
+    "fold_input_scale",
+    "scale_input_moments",
+]
+
+
+@dataclass
+class ChannelMoments:
+    """Per-channel mean and variance of a tensor, as the data-free methods estimate them."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+
+    def __post_init__(self) -> None:
+        self.var = self.var.clamp_min(0.0)
+
+
+def _phi(x: torch.Tensor) -> torch.Tensor:
+    return torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+
+
+def _Phi(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1 + torch.erf(x / math.sqrt(2)))
+
+
+def relu_moments(m: ChannelMoments) -> ChannelMoments:
+    """Moments of ``relu(z)`` for ``z ~ N(mean, var)`` (rectified Gaussian), per channel."""
+    std = m.var.sqrt()
+    safe = std.clamp_min(1e-12)
+    t = m.mean / safe
+    first = m.mean * _Phi(t) + std * _phi(t)
+    second = (m.mean**2 + m.var) * _Phi(t) + m.mean * std * _phi(t)
+    # A degenerate (zero-variance) channel is a constant: relu of it.
+    const = std <= 1e-12
+    first = torch.where(const, m.mean.clamp_min(0), first)
+    second = torch.where(const, m.mean.clamp_min(0) ** 2, second)
+    return ChannelMoments(first, second - first**2)
+
+
+def leaky_relu_moments(m: ChannelMoments, negative_slope: float | torch.Tensor) -> ChannelMoments:
+    """Moments of ``leaky_relu(z) = relu(z) - a relu(-z)`` for Gaussian z (also PReLU)."""
+    pos = relu_moments(m)
+    pos_second = pos.var + pos.mean**2
+    a = torch.as_tensor(negative_slope, dtype=m.mean.dtype)
+    neg_mean = m.mean - pos.mean  # E[min(z, 0)]
+    neg_second = (m.mean**2 + m.var) - pos_second  # E[min(z, 0)^2]
+    first = pos.mean + a * neg_mean
+    second = pos_second + a * a * neg_second
+    return ChannelMoments(first, second - first**2)
+
+
+def _input_channel_index(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """For each (out, in-per-group) weight slot, the absolute input channel it reads."""
+    c_out, ipg = weight.shape[0], weight.shape[1]
+    opg = c_out // groups
+    group_of_out = torch.arange(c_out) // opg
+    return group_of_out[:, None] * ipg + torch.arange(ipg)[None, :]
+
+
+def weighted_channel_inner(
+    a: torch.Tensor, b: torch.Tensor, in_weight: torch.Tensor, groups: int = 1
+) -> torch.Tensor:
+    """``sum_k in_weight_k * <a[j, k], b[j, k]>`` per output channel j (k: input channels)."""
+    prod = (a * b).reshape(a.shape[0], a.shape[1], -1).sum(dim=2)  # (C_out, ipg)
+    idx = _input_channel_index(a, groups)
+    return (prod * in_weight[idx]).sum(dim=1)
+
+
+def expected_output(weight: torch.Tensor, in_mean: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """``E[W x]`` per output channel when input channel k has mean ``in_mean[k]`` everywhere."""
+    return weighted_channel_inner(weight, torch.ones_like(weight), in_mean, groups)
+
+
+def mean_correction(
+    quantized: torch.Tensor, reference: torch.Tensor, in_mean: torch.Tensor, groups: int = 1
+) -> torch.Tensor:
+    """Expected output shift ``E[(Q - W) x]`` caused by quantization, per output channel.
+
+    Adding it to the following BatchNorm's running mean (or subtracting it from the layer's
+    bias) restores each channel's float mean without data: the data-free counterpart of
+    re-estimating BatchNorm statistics (method.md, point 2).
+    """
+    return expected_output(quantized - reference, in_mean, groups)
+
+
+def paper_coefficients(
+    quantized: torch.Tensor,
+    reference: torch.Tensor,
+    bn_scale: torch.Tensor,
+    bias_ref: torch.Tensor,
+    bias_hat: torch.Tensor,
+    lambda1: float,
+    lambda2: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's Eq. 27, one coefficient per output channel.
+
+    ``u = bn_scale * W``, ``u^ = bn_scale * Q`` (bn_scale = gamma/sigma, or 1 without BN),
+    ``y = bias_ref``, ``y^ = bias_hat`` (beta - gamma mu / sigma, or the layer bias).
+    Returns ``(c, degenerate)``: ``degenerate`` marks channels whose quantized filter and bias
+    are zero (0/0), which get c = 1; c is clamped at 0, the exact constrained optimum.
+    """
+    c_out = reference.shape[0]
+    u = (reference.reshape(c_out, -1) * bn_scale[:, None])
+    uh = (quantized.reshape(c_out, -1) * bn_scale[:, None])
+    num = (uh * u).sum(dim=1) + lambda1 * bias_hat * bias_ref
+    den = (uh * uh).sum(dim=1) + lambda1 * bias_hat**2 + lambda2
+    return _safe_ratio(num, den)
+
+
+def derived_coefficients(
+    quantized: torch.Tensor,
+    reference: torch.Tensor,
+    bn_scale: torch.Tensor,
+    mean_ref: torch.Tensor,
+    mean_hat: torch.Tensor,
+    in_var: torch.Tensor,
+    groups: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares c for inputs with per-channel variance ``in_var`` (method.md, point 1).
+
+    ``c_j = (g_j^2 sum_k v_k <Q_jk, W_jk> + E[a^_j] E[a_j]) / (g_j^2 sum_k v_k ||Q_jk||^2 + E[a^_j]^2)``
+    with ``g = bn_scale`` and ``E[a]``, ``E[a^]`` the expected pre-activations (``mean_ref``,
+    ``mean_hat``). For zero-mean white inputs this is Eq. 27 with lambda1 = 1/E[x^2].
+    """
+    g2 = bn_scale**2
+    cross = g2 * weighted_channel_inner(quantized, reference, in_var, groups)
+    var_hat = g2 * weighted_channel_inner(quantized, quantized, in_var, groups)
+    return _safe_ratio(cross + mean_hat * mean_ref, var_hat + mean_hat**2)
+
+
+def variance_matching_coefficients(
+    quantized: torch.Tensor,
+    reference: torch.Tensor,
+    bn_scale: torch.Tensor,
+    mean_ref: torch.Tensor,
+    mean_hat: torch.Tensor,
+    in_var: torch.Tensor,
+    groups: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """c that restores each channel's second moment: ``E[(c a^)^2] = E[a^2]``.
+
+    This is what re-estimating BatchNorm statistics on data does to the scale (the data-aware
+    reference), predicted from the input moments instead of measured.
+    """
+    g2 = bn_scale**2
+    var_ref = g2 * weighted_channel_inner(reference, reference, in_var, groups)
+    var_hat = g2 * weighted_channel_inner(quantized, quantized, in_var, groups)
+    c2, degenerate = _safe_ratio(var_ref + mean_ref**2, var_hat + mean_hat**2)
+    return c2.sqrt(), degenerate
+
+
+def _safe_ratio(num: torch.Tensor, den: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    degenerate = den.abs() <= torch.finfo(den.dtype).tiny * 1e6
+    c = torch.where(degenerate, torch.ones_like(num), num / torch.where(degenerate, torch.ones_like(den), den))
+    return c.clamp_min(0.0), degenerate
+
+
+def fold_input_scale(weight: torch.Tensor, c: torch.Tensor, groups: int = 1, features_per_channel: int = 1) -> torch.Tensor:
+    """``W~[:, j] = c_j W[:, j]`` (Eq. 7): scale the input channels of the next layer.
+
+    ``features_per_channel`` > 1 is a flatten between conv and linear: channel j of the first
+    layer feeds input features ``j*F .. (j+1)*F - 1``.
+    """
+    if features_per_channel > 1:
+        scale = c.repeat_interleave(features_per_channel)
+        return weight * scale.view(1, -1)
+    if weight.dim() == 2 and groups == 1:
+        return weight * c.view(1, -1)
+    idx = _input_channel_index(weight, groups)  # (C_out, ipg)
+    shape = idx.shape + (1,) * (weight.dim() - 2)
+    return weight * c[idx].view(shape)
+
+
+def scale_input_moments(m: ChannelMoments, c: torch.Tensor) -> ChannelMoments:
+    """Moments of ``x / c`` per channel (c = 0 channels keep x's moments: their weights are 0)."""
+    safe = torch.where(c > 0, c, torch.ones_like(c))
+    return ChannelMoments(m.mean / safe, m.var / safe**2)
+
+
+def layer_output_moments(
+    weight: torch.Tensor, bias: torch.Tensor | None, m: ChannelMoments, groups: int = 1
+) -> ChannelMoments:
+    """Moments of ``W x + b`` per output channel, inputs independent across channels/positions."""
+    mean = expected_output(weight, m.mean, groups)
+    if bias is not None:
+        mean = mean + bias
+    return ChannelMoments(mean, weighted_channel_inner(weight, weight, m.var, groups))
+
+
+def batchnorm_output_moments(
+    weight: torch.Tensor | None, bias: torch.Tensor | None, running_var: torch.Tensor, eps: float
+) -> ChannelMoments:
+    """What an eval-mode BatchNorm emits when its input has the statistics it recorded."""
+    gamma = weight if weight is not None else torch.ones_like(running_var)
+    beta = bias if bias is not None else torch.zeros_like(running_var)
+    return ChannelMoments(beta.clone(), gamma**2 * running_var / (running_var + eps))
+
+
+def expand_moments(m: ChannelMoments, size: int) -> ChannelMoments | None:
+    """Broadcast moments to ``size`` entries: a scalar, or a flatten of C channels to C*F features."""
+    n = m.mean.numel()
+    if n == size:
+        return m
+    if n == 1:
+        return ChannelMoments(m.mean.expand(size).clone(), m.var.expand(size).clone())
+    if size % n == 0:
+        f = size // n
+        return ChannelMoments(m.mean.repeat_interleave(f), m.var.repeat_interleave(f))
+    return None
+
+
+__all__ += ["layer_output_moments", "batchnorm_output_moments", "expand_moments"]

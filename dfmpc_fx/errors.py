@@ -1,0 +1,23 @@
+"""Typed errors: every failure a user can cause says what to do next."""
+from __future__ import annotations
+
+
+class DFMPCError(Exception):
+    """Base class of every error raised by dfmpc_fx."""
+
+
+class ConfigError(DFMPCError, ValueError):
+    """An invalid :class:`~dfmpc_fx.DFMPCConfig` value or argument."""
+
+
+class TraceError(DFMPCError, RuntimeError):
+    """torch.fx could not trace the model.
+
+    The message names the offending code and the two remedies: ``concrete_args`` for
+    data-dependent control flow on arguments, and ``leaf_modules`` for submodules that should be
+    kept opaque.
+    """
+
+
+class InvalidModelError(DFMPCError, ValueError):
+    """The model cannot be compressed as given (NaN/Inf weights, no weights at all, ...)."""

@@ -1,0 +1,66 @@
+"""Fake-quant layers: plain subclasses of the float layers that hold dequantized weights.
+
+Their ``forward`` is the parent's, so the compressed model runs as fast as the float one and
+scripts to TorchScript without this package; the bit width and role show in ``print(model)``,
+and the per-channel scales and zero points travel as buffers (enough to rebuild integer codes).
+"""
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .quant import QuantizedWeight
+
+__all__ = ["QuantConv1d", "QuantConv2d", "QuantLinear", "QUANT_MODULES", "to_quant_module"]
+
+
+class _QuantMixin:
+    """Adds ``w_bits``, ``role``, ``scheme`` attributes and scale/zero-point buffers."""
+
+    def _set_quant(self, qw: QuantizedWeight, role: str) -> None:
+        self.w_bits = int(qw.bits)
+        self.role = role
+        self.scheme = qw.scheme
+        self.register_buffer("weight_scale", qw.scale.detach().clone())  # type: ignore[attr-defined]
+        self.register_buffer("weight_zero_point", qw.zero_point.detach().clone())  # type: ignore[attr-defined]
+
+    def quant_repr(self) -> str:
+        return f"w_bits={self.w_bits}, role={self.role}, scheme={self.scheme}"
+
+
+class QuantConv1d(_QuantMixin, nn.Conv1d):
+    def extra_repr(self) -> str:
+        return nn.Conv1d.extra_repr(self) + ", " + self.quant_repr()
+
+
+class QuantConv2d(_QuantMixin, nn.Conv2d):
+    def extra_repr(self) -> str:
+        return nn.Conv2d.extra_repr(self) + ", " + self.quant_repr()
+
+
+class QuantLinear(_QuantMixin, nn.Linear):
+    def extra_repr(self) -> str:
+        return nn.Linear.extra_repr(self) + ", " + self.quant_repr()
+
+
+QUANT_MODULES: dict[type, type] = {nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
+
+
+def to_quant_module(
+    layer: nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor], qw: QuantizedWeight, role: str
+) -> nn.Module:
+    """A new Quant* module with ``layer``'s hyper-parameters, ``weight`` and ``bias``."""
+    cls = next(q for f, q in QUANT_MODULES.items() if type(layer) is f or isinstance(layer, f))
+    has_bias = bias is not None
+    if isinstance(layer, nn.Linear):
+        new = cls(layer.in_features, layer.out_features, bias=has_bias, device="meta")
+    else:
+        new = cls(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
+                  padding=layer.padding, dilation=layer.dilation, groups=layer.groups, bias=has_bias,
+                  padding_mode=layer.padding_mode, device="meta")
+    grad = layer.weight.requires_grad
+    new.weight = nn.Parameter(weight.detach().clone(), requires_grad=grad)
+    new.bias = nn.Parameter(bias.detach().clone(), requires_grad=grad) if has_bias else None
+    new._set_quant(qw, role)
+    new.train(layer.training)
+    return new

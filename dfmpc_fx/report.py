@@ -1,0 +1,121 @@
+"""What compress did, per layer and for the whole model; stored in ``GraphModule.meta``."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from torch import nn
+
+from .errors import DFMPCError
+
+REPORT_KEY = "dfmpc_report"
+
+
+@dataclass
+class LayerReport:
+    name: str
+    kind: str
+    role: str  # low, high, default, first_last, float
+    bits: Optional[int]  # None: kept in float
+    numel: int
+    scheme: str = "float"
+    weight_rel_error: float = 0.0  # ||Q - W|| / ||W|| against the (compensated) float weights
+    coeff_mean: Optional[float] = None  # compensation coefficients, for the first layer of a pair
+    coeff_min: Optional[float] = None
+    coeff_max: Optional[float] = None
+    degenerate_channels: int = 0  # all-zero quantized channels given c = 1
+    mean_shift: Optional[float] = None  # mean |E[(Q-W)x]| corrected, in units of the output std
+    partner: Optional[str] = None
+
+
+@dataclass
+class CompressionReport:
+    config: dict[str, Any]
+    layers: list[LayerReport]
+    pairs: list[str]
+    excluded_pairs: list[str]
+    refusals: list[dict[str, str]]
+    float_bytes: int
+    compressed_bytes: int
+    compress_seconds: float
+    torch_version: str
+    warnings: list[str] = field(default_factory=list)
+    theoretical_bytes: Optional[int] = None
+    artifact_bytes: Optional[int] = None
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.pairs)
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.float_bytes / max(self.compressed_bytes, 1)
+
+    @property
+    def float_mb(self) -> float:
+        return self.float_bytes / 1e6
+
+    @property
+    def compressed_mb(self) -> float:
+        return self.compressed_bytes / 1e6
+
+    def bits_per_layer(self) -> dict[str, Optional[int]]:
+        return {layer.name: layer.bits for layer in self.layers}
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.update(num_pairs=self.num_pairs, compression_ratio=self.compression_ratio,
+                 float_mb=self.float_mb, compressed_mb=self.compressed_mb)
+        return d
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CompressionReport":
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in names}
+        kwargs["layers"] = [LayerReport(**layer) for layer in d["layers"]]
+        return cls(**kwargs)
+
+    def to_markdown(self) -> str:
+        cfg = self.config
+        lines = [
+            "# DF-MPC compression report",
+            "",
+            f"- method: `{cfg.get('method')}`, compensate: `{cfg.get('compensate')}`, "
+            f"bits low/high/default/first-last: {cfg.get('low_bits')}/{cfg.get('high_bits')}/"
+            f"{cfg.get('default_bits')}/{cfg.get('first_last_bits')}",
+            f"- pairs compensated: {self.num_pairs}; refused candidates: {len(self.refusals)}",
+            f"- size: {self.float_mb:.3f} MB float32 -> {self.compressed_mb:.3f} MB "
+            f"({self.compression_ratio:.2f}x)",
+            f"- compress time: {self.compress_seconds:.2f} s (torch {self.torch_version})",
+            "",
+            "| layer | kind | role | bits | weights | rel. error | c mean | c min | c max | partner |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        fmt = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
+        for l in self.layers:
+            lines.append(
+                f"| {l.name} | {l.kind} | {l.role} | {l.bits if l.bits is not None else 'fp32'} | {l.numel} | "
+                f"{l.weight_rel_error:.4f} | {fmt(l.coeff_mean)} | {fmt(l.coeff_min)} | {fmt(l.coeff_max)} | {l.partner or ''} |"
+            )
+        if self.refusals:
+            lines += ["", "## Refused candidates", "", "| layer | reason | detail |", "|---|---|---|"]
+            lines += [f"| {r['layer']} | {r['reason']} | {r['detail']} |" for r in self.refusals]
+        if self.warnings:
+            lines += ["", "## Warnings", ""] + [f"- {w}" for w in self.warnings]
+        return "\n".join(lines) + "\n"
+
+
+def get_report(qmodel: nn.Module) -> CompressionReport:
+    """The :class:`CompressionReport` that :func:`dfmpc_fx.compress` stored on ``qmodel``."""
+    meta = getattr(qmodel, "meta", None)
+    if not isinstance(meta, dict) or REPORT_KEY not in meta:
+        raise DFMPCError(
+            f"{type(qmodel).__name__} carries no DF-MPC report: pass the GraphModule returned by "
+            "dfmpc_fx.compress (or one loaded with dfmpc_fx.load)"
+        )
+    return CompressionReport.from_dict(meta[REPORT_KEY])

@@ -1,0 +1,314 @@
+"""``compress``: the graph transform that turns a float model into a mixed-precision GraphModule.
+
+Orchestration only: tracing, pair finding and bit assignment come from their modules, and
+every number is computed by the pure functions of :mod:`dfmpc_fx.quant` and
+:mod:`dfmpc_fx.compensation`. The graph itself is never rewritten: layers are swapped for
+``Quant*`` modules and BatchNorm statistics are corrected, under their original qualified names.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+import warnings
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from . import compensation as cmath
+from .bits import FLOAT, BitPlan, assign_bits
+from .compensation import ChannelMoments
+from .config import DFMPCConfig
+from .errors import ConfigError, InvalidModelError
+from .modules import QUANT_MODULES, to_quant_module
+from .moments import propagate_moments
+from .pairs import BATCHNORM_MODULES, WEIGHTED_MODULES, _consumers, search_graph
+from .quant import QuantizedWeight, quantize_weight
+from .report import REPORT_KEY, CompressionReport, LayerReport
+from .tracing import LeafSpec, trace_model
+
+__all__ = ["compress", "swap_compressed_modules", "NoCompensablePairWarning"]
+
+
+class NoCompensablePairWarning(UserWarning):
+    """The model has no compensable pair: it is quantized with plain (default) bit widths."""
+
+
+def _check_model(model: nn.Module) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"compress expects an nn.Module, got {type(model).__name__}")
+    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in items:
+            if torch.is_floating_point(t) and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise InvalidModelError(
+                    f"{kind} {name!r} contains {bad} NaN/Inf values: the model is broken (diverged "
+                    "training or a bad checkpoint); fix or reload it before compressing"
+                )
+
+
+def _quantize(ref: torch.Tensor, bits: int, cfg: DFMPCConfig) -> QuantizedWeight:
+    if cfg.method == "paper":
+        return quantize_weight(ref, bits, scheme="ternary" if bits == 2 else "dorefa", per_channel=False)
+    return quantize_weight(ref, bits, scheme=cfg.scheme, per_channel=cfg.granularity == "per_channel")
+
+
+def _following_batchnorm(node: Node, modules: dict[str, nn.Module], call_counts: dict[str, int]) -> Optional[str]:
+    users = _consumers(node)
+    if len(users) == 1 and users[0].op == "call_module":
+        target = str(users[0].target)
+        mod = modules[target]
+        if isinstance(mod, BATCHNORM_MODULES) and mod.running_mean is not None and call_counts[target] == 1:
+            return target
+    return None
+
+
+def _layer_size(layer: nn.Module) -> int:
+    return layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+
+
+def _float_bytes(model: nn.Module) -> int:
+    total = sum(p.numel() * 4 for p in model.parameters())
+    total += sum(b.numel() * 4 for b in model.buffers() if torch.is_floating_point(b))
+    return total
+
+
+def compress(
+    model: nn.Module,
+    config: Optional[DFMPCConfig] = None,
+    *,
+    concrete_args: Optional[dict[str, Any]] = None,
+    leaf_modules: Iterable[LeafSpec] = (),
+    **overrides: Any,
+) -> GraphModule:
+    """Compress ``model`` with DF-MPC and return a mixed-precision ``torch.fx.GraphModule``.
+
+    The input model is never modified (it is deep-copied; BatchNorm in train mode is read from
+    an eval-mode copy's running statistics). Keyword ``overrides`` replace config fields, e.g.
+    ``compress(model, low_bits=3)``. :func:`dfmpc_fx.get_report` reads what was done.
+
+    Raises:
+        ConfigError: invalid configuration. TraceError: the model does not trace (the message
+        names the code and the remedies). InvalidModelError: NaN/Inf weights, or no conv/linear.
+    """
+    if config is not None and not isinstance(config, DFMPCConfig):
+        raise ConfigError(f"config must be a DFMPCConfig, got {type(config).__name__}")
+    cfg = config or DFMPCConfig()
+    if overrides:
+        try:
+            cfg = dataclasses.replace(cfg, **overrides)
+        except TypeError as exc:
+            raise ConfigError(f"{exc}; valid fields: {[f.name for f in dataclasses.fields(DFMPCConfig)]}") from None
+    start = time.perf_counter()
+    _check_model(model)
+    float_bytes = _float_bytes(model)
+
+    work = copy.deepcopy(model).eval()
+    gm = trace_model(work, concrete_args, leaf_modules)
+    search = search_graph(gm)
+    if not search.layers:
+        raise InvalidModelError(
+            f"{type(model).__name__} has no Conv1d/Conv2d/Linear module reached by its forward: nothing to quantize"
+        )
+    plan = assign_bits(search, cfg)
+    report_warnings: list[str] = []
+    if not plan.active_pairs:
+        msg = (f"{type(model).__name__} has no compensable pair ({len(search.refusals)} candidates refused: "
+               f"{search.refusal_counts()}); quantizing every layer at its default bit width without compensation")
+        warnings.warn(msg, NoCompensablePairWarning, stacklevel=2)
+        report_warnings.append(msg)
+
+    moments = propagate_moments(gm, cfg.input_mean, cfg.input_std) if cfg.method == "dfmpc" else {}
+    layer_reports = _quantize_layers(gm, plan, search.layers, moments, cfg, report_warnings)
+    gm.eval()
+    compressed_bytes = _compressed_bytes(gm)
+    report = CompressionReport(
+        config=cfg.to_dict(),
+        layers=layer_reports,
+        pairs=[p.describe() for p in plan.active_pairs] if cfg.compensate else [],
+        excluded_pairs=[f"{p.first} -> {p.second}: {why}" for p, why in plan.excluded_pairs],
+        refusals=[{"layer": r.first, "reason": r.reason, "detail": r.detail} for r in search.refusals],
+        float_bytes=float_bytes,
+        compressed_bytes=compressed_bytes,
+        compress_seconds=time.perf_counter() - start,
+        torch_version=torch.__version__,
+        warnings=report_warnings,
+        theoretical_bytes=compressed_bytes,
+    )
+    gm.meta[REPORT_KEY] = report.to_dict()
+    return gm
+
+
+def _quantize_layers(
+    gm: GraphModule,
+    plan: BitPlan,
+    layers: list[str],
+    moments: dict[str, Optional[ChannelMoments]],
+    cfg: DFMPCConfig,
+    report_warnings: list[str],
+) -> list[LayerReport]:
+    modules = dict(gm.named_modules())
+    call_counts: dict[str, int] = {}
+    first_node: dict[str, Node] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            call_counts[str(node.target)] = call_counts.get(str(node.target), 0) + 1
+            first_node.setdefault(str(node.target), node)
+    incoming: dict[str, tuple[torch.Tensor, int]] = {}
+    reports: list[LayerReport] = []
+    use_moments = cfg.method == "dfmpc"
+
+    for name in layers:
+        layer = modules[name]
+        node = first_node[name]
+        role, bits = plan.roles[name], plan.bits[name]
+        groups = getattr(layer, "groups", 1)
+        dtype = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
+        ref = layer.weight.detach().to(dtype)
+        bias = layer.bias.detach().to(dtype) if layer.bias is not None else None
+        in_m: Optional[ChannelMoments] = None
+        if use_moments and call_counts[name] == 1:
+            src = node.args[0] if node.args else None
+            est = moments.get(src.name) if isinstance(src, Node) else None
+            if est is not None:
+                est = cmath.expand_moments(est, _layer_size(layer))
+            if est is not None:
+                in_m = ChannelMoments(est.mean.to(dtype), est.var.to(dtype))
+        if name in incoming:
+            c, fpc = incoming[name]
+            ref = cmath.fold_input_scale(ref, c.to(dtype), groups, fpc)
+            if in_m is not None:
+                c_in = c.to(dtype).repeat_interleave(fpc) if fpc > 1 else c.to(dtype)
+                in_m = cmath.scale_input_moments(in_m, c_in)
+        rep = LayerReport(name=name, kind=type(layer).__name__, role=role, bits=bits, numel=layer.weight.numel())
+        if bits is None:
+            if name in incoming:  # cannot happen with the planner (a partner is high-bit), kept for safety
+                layer.weight.data.copy_(ref.to(layer.weight.dtype))
+            reports.append(rep)
+            continue
+
+        qw = _quantize(ref, bits, cfg)
+        q = qw.dequantize()
+        rep.scheme = qw.scheme
+        rep.weight_rel_error = float((q - ref).norm() / ref.norm().clamp_min(1e-30))
+        bn_name = None
+        pair = plan.pair_from(name)
+        if call_counts[name] == 1:
+            bn_name = pair.bn if pair is not None else _following_batchnorm(node, modules, call_counts)
+        bn = modules[bn_name] if bn_name else None
+        mu = bn.running_mean.detach().to(dtype).clone() if bn is not None else None
+        new_bias = bias
+
+        if cfg.compensate and use_moments and cfg.mean_correction and in_m is not None:
+            delta = cmath.mean_correction(q, ref, in_m.mean, groups)
+            rep.mean_shift = float(delta.abs().mean())
+            if bn is not None:
+                bn.running_mean.copy_((mu + delta).to(bn.running_mean.dtype))
+            else:
+                new_bias = -delta if bias is None else bias - delta
+
+        if cfg.compensate and pair is not None:
+            c, degenerate = _coefficients(q, ref, bias, new_bias, bn, mu, in_m, groups, cfg)
+            rep.coeff_mean, rep.coeff_min, rep.coeff_max = float(c.mean()), float(c.min()), float(c.max())
+            rep.degenerate_channels = int(degenerate.sum())
+            rep.partner = pair.second
+            if rep.degenerate_channels:
+                report_warnings.append(f"{name}: {rep.degenerate_channels} channels quantized to all zeros; c = 1 there")
+            incoming[pair.second] = (c, pair.features_per_channel)
+
+        w_dtype = layer.weight.dtype
+        qw.scale, qw.zero_point = qw.scale.to(w_dtype), qw.zero_point.to(w_dtype)
+        new = to_quant_module(layer, q.to(w_dtype), None if new_bias is None else new_bias.to(w_dtype), qw, role)
+        gm.set_submodule(name, new)
+        reports.append(rep)
+    return reports
+
+
+def _coefficients(
+    q: torch.Tensor,
+    ref: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    new_bias: Optional[torch.Tensor],
+    bn: Optional[nn.Module],
+    mu: Optional[torch.Tensor],
+    in_m: Optional[ChannelMoments],
+    groups: int,
+    cfg: DFMPCConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compensation coefficients of one pair's first layer (paper Eq. 27 or the derived form)."""
+    dtype, c_out = ref.dtype, ref.shape[0]
+    zeros = torch.zeros(c_out, dtype=dtype)
+    b = bias if bias is not None else zeros
+    b_hat = new_bias if new_bias is not None else zeros
+    if bn is not None:
+        gamma = bn.weight.detach().to(dtype) if bn.weight is not None else torch.ones(c_out, dtype=dtype)
+        beta = bn.bias.detach().to(dtype) if bn.bias is not None else zeros
+        g = gamma / torch.sqrt(bn.running_var.detach().to(dtype) + bn.eps)
+        mu_hat = bn.running_mean.detach().to(dtype)
+    else:
+        g, beta = torch.ones(c_out, dtype=dtype), zeros
+        mu = mu_hat = zeros
+    if cfg.method == "paper":
+        y = g * (b - mu) + beta
+        y_hat = g * (b_hat - mu_hat) + beta
+        return cmath.paper_coefficients(q, ref, g, y, y_hat, cfg.lambda1, cfg.lambda2)
+    if in_m is None:  # unknown input statistics: the paper's zero-mean, unit-variance assumption
+        in_m = ChannelMoments(torch.zeros(ref.shape[1] * groups, dtype=dtype), torch.ones(ref.shape[1] * groups, dtype=dtype))
+    mean_ref = g * (cmath.expected_output(ref, in_m.mean, groups) + b - mu) + beta
+    mean_hat = g * (cmath.expected_output(q, in_m.mean, groups) + b_hat - mu_hat) + beta
+    rule = cmath.variance_matching_coefficients if cfg.scale_rule == "variance" else cmath.derived_coefficients
+    return rule(q, ref, g, mean_ref, mean_hat, in_m.var, groups)
+
+
+def _compressed_bytes(gm: GraphModule) -> int:
+    """Theoretical size: bits x weights / 8 for quantized weights, scales, float32 for the rest."""
+    total = 0.0
+    counted: set[int] = set()
+    for mod in gm.modules():
+        if type(mod) in QUANT_MODULES.values():
+            total += math.ceil(mod.w_bits * mod.weight.numel() / 8)
+            total += 4 * mod.weight_scale.numel()
+            if mod.scheme in ("asymmetric", "dorefa"):
+                total += 4 * mod.weight_zero_point.numel()
+            counted.update({id(mod.weight), id(mod.weight_scale), id(mod.weight_zero_point)})
+    for p in list(gm.parameters()) + [b for b in gm.buffers() if torch.is_floating_point(b)]:
+        if id(p) not in counted:
+            total += 4 * p.numel()
+    return int(total)
+
+
+def swap_compressed_modules(target: nn.Module, qmodel: GraphModule) -> list[str]:
+    """Put the modules ``compress`` changed into ``target`` in place, by qualified name.
+
+    Used where the model object must stay the same (a LightningModule inside a Trainer):
+    its ``forward`` is untouched; only layers (-> ``Quant*``) and BatchNorms (corrected
+    statistics) are replaced. Returns the swapped names.
+    """
+    from .report import get_report
+
+    report = get_report(qmodel)
+    names: list[str] = []
+    q_modules = dict(qmodel.named_modules())
+    t_modules = dict(target.named_modules())
+    for layer in report.layers:
+        if layer.bits is None:
+            continue
+        names.append(layer.name)
+    for name, mod in q_modules.items():
+        if isinstance(mod, BATCHNORM_MODULES):
+            names.append(name)
+    swapped = []
+    for name in names:
+        if name not in t_modules:
+            raise InvalidModelError(
+                f"{name!r} exists in the compressed model but not in {type(target).__name__}: swap into "
+                "the same architecture that was compressed"
+            )
+        new = copy.deepcopy(q_modules[name])
+        new.train(t_modules[name].training)
+        target.set_submodule(name, new)
+        swapped.append(name)
+    return swapped
