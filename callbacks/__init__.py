@@ -1,0 +1,10 @@
+"""Lightning integration of dfmpc_fx, installed as ``dfmpc_fx.callbacks``.
+
+.. code-block:: python
+
+    from dfmpc_fx.callbacks import DFMPCCallback
+"""
+
+from .dfmpc_callback import CHECKPOINT_KEY, DFMPCCallback, load_compressed_checkpoint, restore_compressed
+
+__all__ = ["CHECKPOINT_KEY", "DFMPCCallback", "load_compressed_checkpoint", "restore_compressed"]

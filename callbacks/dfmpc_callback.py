@@ -1,0 +1,672 @@
+"""``DFMPCCallback``: compress a LightningModule's network after training, evaluate, track.
+
+.. code-block:: python
+
+    import lightning as L
+    from dfmpc_fx.callbacks import DFMPCCallback
+
+    trainer = L.Trainer(callbacks=[DFMPCCallback(low_bits=2, high_bits=6, module_attr="net")])
+    trainer.fit(lit_model, datamodule)   # afterwards lit_model.net is compressed
+    trainer.test(lit_model, datamodule)  # tests the compressed network
+
+What happens, in order (all in ``on_train_end``, after the last training and validation step):
+
+1. The validation loop of the Trainer runs once on the float network (or ``eval_fn`` is
+   called); every metric it logs, e.g. ``val_acc``, is kept as ``fp32/val_acc``.
+2. :func:`dfmpc_fx.compress` compresses the network (the whole LightningModule, or the
+   attribute named by ``module_attr``) and :func:`dfmpc_fx.swap_compressed_modules` swaps the
+   compressed modules into it by qualified name. ``forward`` is never patched.
+3. The validation loop runs again: ``dfmpc/val_acc``.
+4. On global rank zero only, everything is tracked in MLflow (see :mod:`dfmpc_fx.tracking`):
+   the run of the Trainer's ``MLFlowLogger`` if there is one, else a new run in
+   ``tracking_uri`` / ``$MLFLOW_TRACKING_URI`` / ``sqlite:///<cwd>/mlflow.db``. If tracking
+   fails, everything is written to ``dfmpc_runs/<timestamp>/`` and a warning names the folder.
+
+Every rank does steps 1-3 (the same deterministic work, so DDP ranks end with identical
+weights; this is checked by broadcasting a digest); only rank zero logs and writes files.
+During the extra validation runs the Trainer's loggers and its checkpoint / early-stopping
+callbacks are detached, so they neither log nor react to the post-hoc evaluations.
+
+Checkpoints saved afterwards (``trainer.save_checkpoint``) carry a ``"dfmpc"`` entry (the
+config, the network attribute and the list of swapped modules). Resuming ``trainer.fit`` with
+this callback restores the compressed modules automatically; elsewhere use
+:func:`restore_compressed` or :func:`load_compressed_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, Checkpoint, EarlyStopping
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+
+import dfmpc_fx
+from dfmpc_fx import tracking
+from dfmpc_fx.errors import ConfigError
+
+__all__ = ["CHECKPOINT_KEY", "DFMPCCallback", "load_compressed_checkpoint", "restore_compressed"]
+
+#: top-level key of a Lightning checkpoint holding the compression state
+CHECKPOINT_KEY = "dfmpc"
+_STAGES = ("fit", "test", "predict")
+_CONFIG_ARGS = ("low_bits", "high_bits", "default_bits", "first_last_bits", "method", "compensate")
+_CONFIG_DEFAULTS: dict[str, Any] = {
+    "low_bits": 2,
+    "high_bits": 6,
+    "default_bits": 8,
+    "first_last_bits": 8,
+    "method": "dfmpc",
+    "compensate": True,
+}
+
+EvalFn = Callable[["pl.LightningModule"], Mapping[str, float]]
+
+
+def _get_submodule(root: nn.Module, attr: Optional[str]) -> nn.Module:
+    if not attr:
+        return root
+    try:
+        module = root.get_submodule(attr)
+    except AttributeError as exc:
+        raise ConfigError(
+            f"module_attr={attr!r}: {type(root).__name__} has no submodule {attr!r} "
+            f"(its direct children are: {', '.join(n for n, _ in root.named_children()) or 'none'})"
+        ) from exc
+    return module
+
+
+def _state_digest(module: nn.Module) -> str:
+    """SHA-256 over the names, shapes and bytes of a module's state dict (CPU copies)."""
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _first_tensor(batch: Any) -> Optional[torch.Tensor]:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (list, tuple)) and batch:
+        return _first_tensor(batch[0])
+    if isinstance(batch, Mapping) and batch:
+        return _first_tensor(next(iter(batch.values())))
+    return None
+
+
+def _as_float(value: Any) -> Optional[float]:
+    try:
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                return None
+            return float(value.detach().cpu().item())
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+class DFMPCCallback(Callback):
+    """Compress the trained network with DF-MPC, evaluate it before/after, and track the run.
+
+    Args:
+        low_bits, high_bits, default_bits, first_last_bits, method, compensate: the
+            :class:`dfmpc_fx.DFMPCConfig` fields most people set (MP2/6 by default).
+        config: a full :class:`dfmpc_fx.DFMPCConfig` instead of the fields above (passing
+            both is an error).
+        module_attr: dotted name of the network inside the LightningModule (``"net"``);
+            ``None`` compresses the LightningModule itself (its ``forward`` is traced).
+        apply_on: when to compress: ``"fit"`` (default; at the end of training), ``"test"``
+            / ``"predict"`` (at the start of those stages, if not compressed yet), or several.
+        evaluate: run the validation loop before and after compression (``fit`` only).
+        eval_fn: ``eval_fn(lightning_module) -> {name: value}`` used instead of the
+            validation loop (also usable before ``test``/``predict``). Called on every rank.
+        monitor: metric names to keep from the evaluation (default: all it logs).
+        concrete_args, leaf_modules: passed to :func:`dfmpc_fx.compress` for models that
+            torch.fx cannot trace as they are.
+        example_input: input for the TorchScript export; default: the module's
+            ``example_input_array`` or one sample of the validation/training data.
+        export_torchscript: write and log a TorchScript file of the compressed network.
+        torchscript_path: also copy that TorchScript file here (rank zero).
+        tracking: log to MLflow (``False``: only write the local folder).
+        use_logger: reuse the run of the Trainer's ``MLFlowLogger`` when there is one.
+        tracking_uri: MLflow store/server when no logger is reused; default
+            ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<cwd>/mlflow.db``.
+        experiment_name, run_name, tags: for a run this callback creates itself.
+        log_model: log the compressed network with ``mlflow.pytorch.log_model``.
+        local_dir: where local copies go (``<local_dir>/<timestamp>/``) when tracking fails,
+            when ``tracking=False`` or when ``keep_local=True``.
+        keep_local: keep the local folder even when tracking worked.
+        http_timeout: seconds per HTTP request to a tracking server (no retries are made).
+        check_ranks: broadcast a digest of the compressed weights from rank zero and warn if
+            any rank differs (distributed runs only).
+
+    After compression the callback exposes ``compressed`` (bool), ``qmodel`` (the
+    :class:`torch.fx.GraphModule` from :func:`dfmpc_fx.compress`), ``report``, ``metrics``
+    (``fp32/...``, ``dfmpc/...``, sizes, ratio), ``swapped`` (module names), ``run_id``,
+    ``model_uri``, ``local_path`` (a ``Path`` if a local folder was kept) and
+    ``weights_digest``.
+    """
+
+    def __init__(
+        self,
+        low_bits: int = 2,
+        high_bits: int = 6,
+        default_bits: Optional[int] = 8,
+        first_last_bits: Optional[int] = 8,
+        method: str = "dfmpc",
+        compensate: bool = True,
+        *,
+        config: Optional["dfmpc_fx.DFMPCConfig"] = None,
+        module_attr: Optional[str] = None,
+        apply_on: Union[str, Sequence[str]] = "fit",
+        evaluate: bool = True,
+        eval_fn: Optional[EvalFn] = None,
+        monitor: Optional[Sequence[str]] = None,
+        concrete_args: Optional[dict[str, Any]] = None,
+        leaf_modules: Optional[Sequence[type]] = None,
+        example_input: Any = None,
+        export_torchscript: bool = True,
+        torchscript_path: Optional[Union[str, os.PathLike]] = None,
+        tracking: bool = True,
+        use_logger: bool = True,
+        tracking_uri: Optional[str] = None,
+        experiment_name: str = tracking.DEFAULT_EXPERIMENT,
+        run_name: Optional[str] = None,
+        tags: Optional[Mapping[str, str]] = None,
+        log_model: bool = True,
+        local_dir: Union[str, os.PathLike] = tracking.DEFAULT_LOCAL_DIR,
+        keep_local: bool = False,
+        http_timeout: float = tracking.DEFAULT_HTTP_TIMEOUT,
+        check_ranks: bool = True,
+    ) -> None:
+        super().__init__()
+        given = dict(zip(_CONFIG_ARGS, (low_bits, high_bits, default_bits, first_last_bits, method, compensate)))
+        if config is not None:
+            if not isinstance(config, dfmpc_fx.DFMPCConfig):
+                raise ConfigError(f"config must be a dfmpc_fx.DFMPCConfig, got {type(config).__name__}")
+            changed = [k for k, v in given.items() if v != _CONFIG_DEFAULTS[k]]
+            if changed:
+                raise ConfigError(
+                    f"pass either config=DFMPCConfig(...) or the arguments {', '.join(changed)}, not both"
+                )
+            self.config = config
+        else:
+            self.config = dfmpc_fx.DFMPCConfig(**given)  # raises ConfigError on bad values
+
+        if module_attr is not None and (not isinstance(module_attr, str) or not module_attr.strip(".")):
+            raise ConfigError(f"module_attr must be None or an attribute name such as 'net', got {module_attr!r}")
+        stages = (apply_on,) if isinstance(apply_on, str) else tuple(apply_on)
+        bad = [s for s in stages if s not in _STAGES]
+        if not stages or bad:
+            raise ConfigError(f"apply_on must be one or more of {_STAGES}, got {apply_on!r}")
+        if eval_fn is not None and not callable(eval_fn):
+            raise ConfigError(f"eval_fn must be callable, got {type(eval_fn).__name__}")
+        if monitor is not None:
+            monitor = (monitor,) if isinstance(monitor, str) else tuple(monitor)
+            if not all(isinstance(m, str) and m for m in monitor):
+                raise ConfigError(f"monitor must be metric names, got {monitor!r}")
+        if concrete_args is not None and not isinstance(concrete_args, Mapping):
+            raise ConfigError("concrete_args must be a dict of argument name -> value")
+        if leaf_modules is not None:
+            leaf_modules = tuple(leaf_modules)
+            if not all(isinstance(m, type) and issubclass(m, nn.Module) for m in leaf_modules):
+                raise ConfigError("leaf_modules must be nn.Module subclasses")
+        if example_input is not None and not isinstance(example_input, (torch.Tensor, tuple)):
+            raise ConfigError("example_input must be a tensor or a tuple of tensors")
+        if tracking_uri is not None:
+            if not isinstance(tracking_uri, str) or not tracking_uri:
+                raise ConfigError(f"tracking_uri must be a non-empty string, got {tracking_uri!r}")
+            try:
+                tracking.resolve_tracking_uri(tracking_uri)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
+        if not isinstance(experiment_name, str) or not experiment_name:
+            raise ConfigError("experiment_name must be a non-empty string")
+        if isinstance(http_timeout, bool) or not isinstance(http_timeout, (int, float)) or not http_timeout > 0:
+            raise ConfigError(f"http_timeout must be a number of seconds > 0, got {http_timeout!r}")
+        for name, value in (
+            ("evaluate", evaluate),
+            ("export_torchscript", export_torchscript),
+            ("tracking", tracking),
+            ("use_logger", use_logger),
+            ("log_model", log_model),
+            ("keep_local", keep_local),
+            ("check_ranks", check_ranks),
+        ):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{name} must be True or False, got {value!r}")
+
+        self.module_attr = module_attr.strip(".") if module_attr else None
+        self.apply_on = stages
+        self.evaluate = evaluate
+        self.eval_fn = eval_fn
+        self.monitor = monitor
+        self.concrete_args = dict(concrete_args) if concrete_args is not None else None
+        self.leaf_modules = leaf_modules
+        self.example_input = example_input
+        self.export_torchscript = export_torchscript
+        self.torchscript_path = Path(torchscript_path) if torchscript_path is not None else None
+        self.tracking = tracking
+        self.use_logger = use_logger
+        self.tracking_uri = tracking_uri
+        self.experiment_name = experiment_name
+        self.run_name = run_name
+        self.tags = dict(tags or {})
+        self.log_model = log_model
+        self.local_dir = Path(local_dir)
+        self.keep_local = keep_local
+        self.http_timeout = float(http_timeout)
+        self.check_ranks = check_ranks
+
+        # results
+        self.compressed = False
+        self.qmodel: Optional[nn.Module] = None
+        self.report: Any = None
+        self.metrics: dict[str, float] = {}
+        self.swapped: list[str] = []
+        self.run_id: Optional[str] = None
+        self.model_uri: Optional[str] = None
+        self.local_path: Optional[Path] = None
+        self.weights_digest: Optional[str] = None
+        self.tracking_error: Optional[str] = None
+
+    # ------------------------------------------------------------------ Lightning API
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(module_attr=self.module_attr)
+
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        """Fail before training if the network cannot be found or traced."""
+        net = _get_submodule(pl_module, self.module_attr)
+        if self.compressed or stage != "fit" or "fit" not in self.apply_on:
+            return
+        search = dfmpc_fx.find_compensable_pairs(
+            net, concrete_args=self.concrete_args, leaf_modules=self._leaf_modules_arg()
+        )  # raises TraceError now rather than after hours of training
+        if not search.pairs:
+            rank_zero_warn(
+                f"DFMPCCallback: no compensable layer pairs in {type(net).__name__}; layers will get "
+                f"default_bits={self.config.default_bits} without compensation "
+                f"({len(search.refusals)} candidate pairs were refused; see dfmpc_fx.find_compensable_pairs)"
+            )
+
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if "fit" in self.apply_on and not self.compressed:
+            self._apply(trainer, pl_module, stage="fit")
+
+    def on_test_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if "test" in self.apply_on and not self.compressed:
+            self._apply(trainer, pl_module, stage="test")
+
+    def on_predict_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if "predict" in self.apply_on and not self.compressed:
+            self._apply(trainer, pl_module, stage="predict")
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._checkpoint_entry()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending_state = dict(state_dict)
+
+    def on_save_checkpoint(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]
+    ) -> None:
+        if self.compressed:
+            checkpoint[CHECKPOINT_KEY] = self._checkpoint_entry()
+
+    def on_load_checkpoint(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]
+    ) -> None:
+        # Called when `trainer.fit(..., ckpt_path=...)` resumes, after the model's state dict
+        # was loaded. Re-create the compressed modules and load the saved weights into them.
+        entry = checkpoint.get(CHECKPOINT_KEY)
+        if entry and entry.get("compressed") and not self.compressed:
+            self.swapped = restore_compressed(pl_module, checkpoint)
+            self.compressed = True
+            self.config = dfmpc_fx.DFMPCConfig.from_dict(entry["config"])
+            rank_zero_info(f"DFMPCCallback: restored {len(self.swapped)} compressed modules from the checkpoint")
+
+    # ------------------------------------------------------------------ internals
+
+    def _leaf_modules_arg(self) -> list[type]:
+        return list(self.leaf_modules) if self.leaf_modules is not None else []
+
+    def _checkpoint_entry(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "compressed": self.compressed,
+            "config": self.config.to_dict(),
+            "module_attr": self.module_attr,
+            "swapped": list(self.swapped),
+            "concrete_args_keys": sorted(self.concrete_args) if self.concrete_args else [],
+            "weights_digest": self.weights_digest,
+        }
+
+    def _apply(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        start = time.perf_counter()
+        net = _get_submodule(pl_module, self.module_attr)
+        device = next((t.device for t in [*net.parameters(), *net.buffers()]), torch.device("cpu"))
+        do_eval = self.eval_fn is not None or (self.evaluate and stage == "fit")
+
+        fp32: dict[str, float] = self._evaluate(trainer, pl_module, stage) if do_eval else {}
+        fp32_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()} if trainer.is_global_zero else None
+
+        was_training = net.training
+        with torch.no_grad():
+            qmodel = dfmpc_fx.compress(
+                net, self.config, concrete_args=self.concrete_args, leaf_modules=self._leaf_modules_arg()
+            )
+            self.swapped = list(dfmpc_fx.swap_compressed_modules(net, qmodel))
+        net.to(device)
+        net.train(was_training)
+        self.qmodel = qmodel
+        self.compressed = True
+        self.report = dfmpc_fx.get_report(qmodel)
+        self.weights_digest = _state_digest(net)
+        self._check_ranks(trainer)
+
+        after: dict[str, float] = self._evaluate(trainer, pl_module, stage) if do_eval else {}
+        metrics: dict[str, float] = {}
+        for key, value in fp32.items():
+            metrics[f"fp32/{key}"] = value
+        for key, value in after.items():
+            metrics[f"dfmpc/{key}"] = value
+            if key in fp32:
+                metrics[f"delta/{key}"] = value - fp32[key]
+        metrics.update(tracking.report_metrics(self.report))
+        self.metrics = metrics
+        if do_eval and not fp32:
+            rank_zero_warn(
+                "DFMPCCallback: no validation metrics were produced (no val dataloader, "
+                "limit_val_batches=0 or validation_step logs nothing); pass eval_fn=... to measure "
+                "the network before and after compression"
+            )
+
+        if trainer.is_global_zero:
+            self._publish(trainer, pl_module, net, fp32_state, stage)
+        trainer.strategy.barrier("dfmpc_callback_done")
+        rank_zero_info(
+            f"DFMPCCallback: compressed {len(self.swapped)} modules "
+            f"({self.report.num_pairs} pairs, x{float(self.report.compression_ratio):.2f} smaller) "
+            f"in {time.perf_counter() - start:.1f}s"
+            + "".join(f"; {k}={v:.4g}" for k, v in metrics.items() if k.startswith(("fp32/", "dfmpc/")))
+        )
+
+    def _check_ranks(self, trainer: "pl.Trainer") -> None:
+        if not self.check_ranks or trainer.world_size <= 1:
+            return
+        reference = trainer.strategy.broadcast(self.weights_digest, src=0)
+        if reference != self.weights_digest:
+            warnings.warn(
+                f"DFMPCCallback: rank {trainer.global_rank} compressed weights differ from rank 0 "
+                f"(digest {self.weights_digest[:12]} vs {str(reference)[:12]}); the ranks did not "
+                "start from identical weights",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    # evaluation ---------------------------------------------------------------
+
+    def _evaluate(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> dict[str, float]:
+        if self.eval_fn is not None:
+            raw = dict(self.eval_fn(pl_module))
+        else:
+            raw = self._run_validation_loop(trainer)
+        out: dict[str, float] = {}
+        for key, value in raw.items():
+            if self.monitor is not None and key not in self.monitor:
+                continue
+            number = _as_float(value)
+            if number is not None:
+                out[str(key)] = number
+        if self.monitor is not None:
+            missing = [m for m in self.monitor if m not in out]
+            if missing:
+                rank_zero_warn(f"DFMPCCallback: monitored metrics {missing} were not logged by the evaluation")
+        return out
+
+    def _run_validation_loop(self, trainer: "pl.Trainer") -> dict[str, Any]:
+        """Run the Trainer's own fit-time validation loop once (the way the training epoch
+        loop does), with loggers and checkpoint/early-stopping callbacks detached."""
+        val_loop = trainer.fit_loop.epoch_loop.val_loop
+        saved_stage = trainer.state.stage
+        saved_loggers = list(trainer.loggers)
+        saved_callbacks = list(trainer.callbacks)
+        connector = trainer._logger_connector
+        first_loop_iter = getattr(connector, "_first_loop_iter", None)
+        trainer.loggers = []
+        trainer.callbacks = [
+            cb for cb in saved_callbacks if cb is not self and not isinstance(cb, (Checkpoint, EarlyStopping))
+        ]
+        try:
+            trainer.validating = True
+            outputs = val_loop.run()
+        finally:
+            trainer.loggers = saved_loggers
+            trainer.callbacks = saved_callbacks
+            trainer.state.stage = saved_stage
+            if first_loop_iter is not None:
+                connector._first_loop_iter = first_loop_iter
+        merged: dict[str, Any] = {}
+        for per_loader in outputs or []:
+            merged.update(per_loader)
+        return merged
+
+    # publishing -----------------------------------------------------------------
+
+    def _example_input(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Any:
+        if self.example_input is not None:
+            return self.example_input
+        array = getattr(pl_module, "example_input_array", None)
+        if array is not None:
+            return array
+        for attr in ("val_dataloaders", "train_dataloader", "test_dataloaders", "predict_dataloaders"):
+            try:
+                loaders = getattr(trainer, attr, None)
+            except Exception:  # noqa: BLE001 - some properties raise outside their stage
+                loaders = None
+            if loaders is None:
+                continue
+            if isinstance(loaders, (list, tuple)):
+                loaders = loaders[0] if loaders else None
+            elif isinstance(loaders, Mapping):
+                loaders = next(iter(loaders.values()), None)
+            if loaders is None:
+                continue
+            try:
+                batch = next(iter(loaders))
+            except (StopIteration, TypeError):
+                continue
+            tensor = _first_tensor(batch)
+            if tensor is not None:
+                return tensor[:1].detach().cpu()
+        return None
+
+    def _publish(
+        self,
+        trainer: "pl.Trainer",
+        pl_module: "pl.LightningModule",
+        net: nn.Module,
+        fp32_state: Optional[dict[str, torch.Tensor]],
+        stage: str,
+    ) -> None:
+        """Rank zero: write the bundle, upload it, fall back to a local folder on failure."""
+        bundle = tracking.RunBundle()
+        bundle.metrics.update(self.metrics)
+        bundle.add_report(self.report)
+        bundle.params.update(
+            {
+                "dfmpc.module_attr": str(self.module_attr),
+                "dfmpc.stage": stage,
+                "dfmpc.num_swapped_modules": str(len(self.swapped)),
+            }
+        )
+        if fp32_state is not None:
+            torch.save(fp32_state, bundle.file("fp32_state_dict.pt"))
+        bundle.save_state_dict("compressed_state_dict.pt", net)
+        export_model = copy.deepcopy(self.qmodel).cpu().eval()
+        bundle.model = export_model
+        if self.export_torchscript:
+            self._export(trainer, pl_module, bundle, export_model)
+        bundle.flush()
+
+        if not self.tracking:
+            self.local_path = bundle.persist(self.local_dir)
+            rank_zero_info(f"DFMPCCallback: tracking disabled; results written to {self.local_path}")
+            return
+
+        target: Optional[tracking.TrackingTarget] = None
+        logger = self._mlflow_logger(trainer)
+        uri = None
+        try:
+            with tracking.short_http_timeouts(self.http_timeout):
+                if logger is not None:
+                    uri = tracking.logger_tracking_uri(logger)
+                    target = tracking.target_from_logger(logger)
+                else:
+                    uri = tracking.resolve_tracking_uri(self.tracking_uri)
+                    tags = {"dfmpc.stage": stage, **self.tags}
+                    target = tracking.start_run(uri, self.experiment_name, self.run_name, tags)
+                self.run_id = target.run_id
+                step = trainer.global_step if stage == "fit" else None
+                info = tracking.upload_bundle(target, bundle, log_model=self.log_model, step=step)
+                self.model_uri = info.get("model_uri")
+                target.finish("FINISHED")
+        except Exception as exc:  # noqa: BLE001 - any tracking failure must not lose the results
+            self.tracking_error = f"{exc.__class__.__name__}: {exc}"
+            reason = (
+                f"MLflow tracking at {uri or self.tracking_uri or 'the default store'} failed "
+                f"(run id {self.run_id}): {self.tracking_error}"
+            )
+            self.local_path = bundle.persist(self.local_dir, reason=reason)
+            if target is not None and target.owns_run:
+                try:
+                    with tracking.short_http_timeouts(min(self.http_timeout, 3.0)):
+                        target.finish("FAILED")
+                except Exception:  # noqa: BLE001
+                    pass
+            if logger is not None and tracking.is_http(uri or ""):
+                # Lightning would call finalize() on this logger at the end of fit and crash the
+                # run against the dead server: detach it from the Trainer.
+                trainer.loggers = [lg for lg in trainer.loggers if lg is not logger]
+                reason += "; the Trainer's MLFlowLogger was detached so that training can finish"
+            warnings.warn(
+                f"DFMPCCallback: {reason}. Everything (report, plot, TorchScript, MLflow model, fp32 "
+                f"and compressed state dicts, params.json, metrics.json) was saved to {self.local_path}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
+        if self.keep_local:
+            self.local_path = bundle.persist(self.local_dir)
+        else:
+            bundle.discard()
+
+    def _mlflow_logger(self, trainer: "pl.Trainer") -> Any:
+        if not self.use_logger:
+            return None
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, MLFlowLogger):
+                return logger
+        return None
+
+    def _export(
+        self,
+        trainer: "pl.Trainer",
+        pl_module: "pl.LightningModule",
+        bundle: tracking.RunBundle,
+        model: nn.Module,
+    ) -> None:
+        example = self._example_input(trainer, pl_module)
+        if example is None:
+            rank_zero_warn(
+                "DFMPCCallback: no example input for the TorchScript export (set example_input=..., "
+                "or the module's example_input_array); skipping it"
+            )
+            return
+        example_inputs = example if isinstance(example, tuple) else (example,)
+        example_inputs = tuple(t.detach().cpu() if isinstance(t, torch.Tensor) else t for t in example_inputs)
+        path = bundle.file("model.ts")
+        try:
+            dfmpc_fx.export_torchscript(model, str(path), example_inputs=example_inputs)
+        except Exception as exc:  # noqa: BLE001 - an export failure must not lose the rest
+            bundle.write_text("model.ts_FAILED.txt", f"{exc.__class__.__name__}: {exc}\n")
+            rank_zero_warn(f"DFMPCCallback: TorchScript export failed ({exc}); the rest is still tracked")
+            return
+        if self.torchscript_path is not None:
+            self.torchscript_path.parent.mkdir(parents=True, exist_ok=True)
+            self.torchscript_path.write_bytes(path.read_bytes())
+
+
+# ---------------------------------------------------------------------- checkpoints
+
+
+def restore_compressed(
+    pl_module: nn.Module,
+    checkpoint: Union[str, os.PathLike, Mapping[str, Any]],
+    concrete_args: Optional[dict[str, Any]] = None,
+    leaf_modules: Optional[Sequence[type]] = None,
+) -> list[str]:
+    """Turn a freshly built module into the compressed one saved in ``checkpoint``.
+
+    ``checkpoint`` is a Lightning checkpoint (path or loaded dict) saved after
+    :class:`DFMPCCallback` compressed the network. The network is compressed with the saved
+    config (to recreate the compressed module types), then the checkpoint's state dict is
+    loaded strictly, so the module holds exactly the saved compressed weights and statistics.
+    Returns the names of the swapped modules.
+    """
+    if not isinstance(checkpoint, Mapping):
+        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    entry = checkpoint.get(CHECKPOINT_KEY)
+    if not entry or not entry.get("compressed"):
+        raise dfmpc_fx.DFMPCError(
+            "this checkpoint holds no compressed network (no 'dfmpc' entry): it was saved before "
+            "DFMPCCallback ran, so load it the usual way"
+        )
+    config = dfmpc_fx.DFMPCConfig.from_dict(entry["config"])
+    net = _get_submodule(pl_module, entry.get("module_attr"))
+    state = checkpoint["state_dict"]
+    device = next((t.device for t in [*net.parameters(), *net.buffers()]), torch.device("cpu"))
+    # load what fits first, so that compression sees sensible weights, then swap, then load all
+    pl_module.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        qmodel = dfmpc_fx.compress(
+            net, config, concrete_args=concrete_args, leaf_modules=list(leaf_modules or ())
+        )
+        swapped = list(dfmpc_fx.swap_compressed_modules(net, qmodel))
+    net.to(device)
+    pl_module.load_state_dict(state, strict=True)
+    return swapped
+
+
+def load_compressed_checkpoint(
+    module_cls: type,
+    checkpoint_path: Union[str, os.PathLike],
+    map_location: Any = "cpu",
+    **init_kwargs: Any,
+) -> "pl.LightningModule":
+    """Build ``module_cls`` from the checkpoint's hyper-parameters (``init_kwargs`` override or
+    complete them, e.g. ``net=build_model("resnet20")`` when ``net`` was not saved) and
+    restore the compressed network into it. The module is returned in eval mode."""
+    checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=False)
+    hparams = {k: v for k, v in dict(checkpoint.get("hyper_parameters") or {}).items() if not k.startswith("_")}
+    hparams.update(init_kwargs)
+    module = module_cls(**hparams)
+    restore_compressed(module, checkpoint)
+    return module.eval()
