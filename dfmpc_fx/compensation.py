@@ -75,26 +75,30 @@ def leaky_relu_moments(m: ChannelMoments, negative_slope: float | torch.Tensor) 
     return ChannelMoments(first, second - first**2)
 
 
-def _input_channel_index(weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """For each (out, in-per-group) weight slot, the absolute input channel it reads."""
-    c_out, ipg = weight.shape[0], weight.shape[1]
-    opg = c_out // groups
-    group_of_out = torch.arange(c_out) // opg
-    return group_of_out[:, None] * ipg + torch.arange(ipg)[None, :]
+def _grouped_in_weight(in_weight: torch.Tensor, c_out: int, ipg: int, groups: int) -> torch.Tensor:
+    """``in_weight`` laid out as (C_out, ipg): the input channel each weight slot reads."""
+    per_group = in_weight.reshape(groups, 1, ipg)
+    return per_group.expand(groups, c_out // groups, ipg).reshape(c_out, ipg)
 
 
 def weighted_channel_inner(
     a: torch.Tensor, b: torch.Tensor, in_weight: torch.Tensor, groups: int = 1
 ) -> torch.Tensor:
     """``sum_k in_weight_k * <a[j, k], b[j, k]>`` per output channel j (k: input channels)."""
-    prod = (a * b).reshape(a.shape[0], a.shape[1], -1).sum(dim=2)  # (C_out, ipg)
-    idx = _input_channel_index(a, groups)
-    return (prod * in_weight[idx]).sum(dim=1)
+    c_out, ipg = a.shape[0], a.shape[1]
+    prod = a * b if a.dim() == 2 else (a * b).reshape(c_out, ipg, -1).sum(dim=2)  # (C_out, ipg)
+    if groups == 1:
+        return prod @ in_weight.to(prod.dtype)
+    return (prod * _grouped_in_weight(in_weight.to(prod.dtype), c_out, ipg, groups)).sum(dim=1)
 
 
 def expected_output(weight: torch.Tensor, in_mean: torch.Tensor, groups: int = 1) -> torch.Tensor:
     """``E[W x]`` per output channel when input channel k has mean ``in_mean[k]`` everywhere."""
-    return weighted_channel_inner(weight, torch.ones_like(weight), in_mean, groups)
+    c_out, ipg = weight.shape[0], weight.shape[1]
+    summed = weight if weight.dim() == 2 else weight.reshape(c_out, ipg, -1).sum(dim=2)
+    if groups == 1:
+        return summed @ in_mean.to(summed.dtype)
+    return (summed * _grouped_in_weight(in_mean.to(summed.dtype), c_out, ipg, groups)).sum(dim=1)
 
 
 def mean_correction(
@@ -190,11 +194,9 @@ def fold_input_scale(weight: torch.Tensor, c: torch.Tensor, groups: int = 1, fea
     if features_per_channel > 1:
         scale = c.repeat_interleave(features_per_channel)
         return weight * scale.view(1, -1)
-    if weight.dim() == 2 and groups == 1:
-        return weight * c.view(1, -1)
-    idx = _input_channel_index(weight, groups)  # (C_out, ipg)
-    shape = idx.shape + (1,) * (weight.dim() - 2)
-    return weight * c[idx].view(shape)
+    c_out, ipg = weight.shape[0], weight.shape[1]
+    cols = c.view(1, -1) if groups == 1 else _grouped_in_weight(c, c_out, ipg, groups)
+    return weight * cols.reshape(cols.shape + (1,) * (weight.dim() - 2)).to(weight.dtype)
 
 
 def scale_input_moments(m: ChannelMoments, c: torch.Tensor) -> ChannelMoments:

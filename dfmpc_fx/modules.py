@@ -59,7 +59,7 @@ def to_quant_module(
                   padding=layer.padding, dilation=layer.dilation, groups=layer.groups, bias=has_bias,
                   padding_mode=layer.padding_mode, device="meta")
     grad = layer.weight.requires_grad
-    new.weight = nn.Parameter(weight.detach().clone(), requires_grad=grad)
+    new.weight = nn.Parameter(weight.detach(), requires_grad=grad)  # callers pass a fresh tensor
     new.bias = nn.Parameter(bias.detach().clone(), requires_grad=grad) if has_bias else None
     new._set_quant(qw, role)
     new.train(layer.training)

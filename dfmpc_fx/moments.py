@@ -42,6 +42,12 @@ def _f64(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.detach().to(torch.float64)
 
 
+def _only_batchnorm_consumers(node: Node, modules: dict[str, nn.Module]) -> bool:
+    """BatchNorm replaces its input's moments by its own, so they need not be computed."""
+    users = list(node.users)
+    return bool(users) and all(u.op == "call_module" and isinstance(modules[str(u.target)], BATCHNORM_MODULES) for u in users)
+
+
 def propagate_moments(gm: GraphModule, input_mean: float = 0.0, input_std: float = 1.0) -> dict[str, Optional[ChannelMoments]]:
     """Estimated moments (float64) of each node's output, keyed by node name."""
     modules = dict(gm.named_modules())
@@ -61,7 +67,7 @@ def propagate_moments(gm: GraphModule, input_mean: float = 0.0, input_std: float
                 out = cmath.batchnorm_output_moments(_f64(mod.weight) if mod.affine else None,
                                                      _f64(mod.bias) if mod.affine else None,
                                                      _f64(mod.running_var), mod.eps)
-            elif isinstance(mod, WEIGHTED_MODULES) and x is not None:
+            elif isinstance(mod, WEIGHTED_MODULES) and x is not None and not _only_batchnorm_consumers(node, modules):
                 size = mod.in_features if isinstance(mod, nn.Linear) else mod.in_channels
                 xin = cmath.expand_moments(x, size)
                 if xin is not None:

@@ -42,7 +42,10 @@ def _check_model(model: nn.Module) -> None:
         raise TypeError(f"compress expects an nn.Module, got {type(model).__name__}")
     for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
         for name, t in items:
-            if torch.is_floating_point(t) and not bool(torch.isfinite(t).all()):
+            if not torch.is_floating_point(t) or t.numel() == 0:
+                continue
+            lo, hi = torch.aminmax(t.detach())  # one pass; NaN propagates, Inf shows as an extreme
+            if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
                 bad = int((~torch.isfinite(t)).sum())
                 raise InvalidModelError(
                     f"{kind} {name!r} contains {bad} NaN/Inf values: the model is broken (diverged "
@@ -64,6 +67,19 @@ def _following_batchnorm(node: Node, modules: dict[str, nn.Module], call_counts:
         if isinstance(mod, BATCHNORM_MODULES) and mod.running_mean is not None and call_counts[target] == 1:
             return target
     return None
+
+
+def _copy_sharing_layer_weights(model: nn.Module) -> nn.Module:
+    """Deep copy of ``model`` whose conv/linear weights are shared, not copied.
+
+    Those weights are only read and are then replaced by new tensors (quantized, or cloned for
+    layers kept in float), so copying them first would only cost time and memory.
+    """
+    memo: dict[int, Any] = {}
+    for mod in model.modules():
+        if isinstance(mod, WEIGHTED_MODULES) and isinstance(mod.weight, nn.Parameter):
+            memo[id(mod.weight)] = mod.weight
+    return copy.deepcopy(model, memo)
 
 
 def _layer_size(layer: nn.Module) -> int:
@@ -106,7 +122,7 @@ def compress(
     _check_model(model)
     float_bytes = _float_bytes(model)
 
-    work = copy.deepcopy(model).eval()
+    work = _copy_sharing_layer_weights(model).eval()
     gm = trace_model(work, concrete_args, leaf_modules)
     search = search_graph(gm)
     if not search.layers:
@@ -185,8 +201,8 @@ def _quantize_layers(
                 in_m = cmath.scale_input_moments(in_m, c_in)
         rep = LayerReport(name=name, kind=type(layer).__name__, role=role, bits=bits, numel=layer.weight.numel())
         if bits is None:
-            if name in incoming:  # cannot happen with the planner (a partner is high-bit), kept for safety
-                layer.weight.data.copy_(ref.to(layer.weight.dtype))
+            # Kept in float: give the copy its own weight (it was shared with the input model).
+            layer.weight = nn.Parameter(ref.to(layer.weight.dtype).clone(), requires_grad=layer.weight.requires_grad)
             reports.append(rep)
             continue
 
