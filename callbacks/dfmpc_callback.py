@@ -28,9 +28,11 @@ During the extra validation runs the Trainer's loggers and its checkpoint / earl
 callbacks are detached, so they neither log nor react to the post-hoc evaluations.
 
 Checkpoints saved afterwards (``trainer.save_checkpoint``) carry a ``"dfmpc"`` entry (the
-config, the network attribute and the list of swapped modules). Resuming ``trainer.fit`` with
-this callback restores the compressed modules automatically; elsewhere use
-:func:`restore_compressed` or :func:`load_compressed_checkpoint`.
+config, the network attribute and the list of swapped modules). With this callback in the
+Trainer, ``trainer.test/validate/predict(model, ckpt_path=...)`` restores the compressed
+modules automatically; elsewhere use :func:`restore_compressed` (on a module you built) or
+:func:`load_compressed_checkpoint` (builds it from the checkpoint's hyper-parameters).
+Training further from a compressed checkpoint is refused with a clear error.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 import dfmpc_fx
-from dfmpc_fx import tracking
+from dfmpc_fx import tracking as _tracking
 from dfmpc_fx.errors import ConfigError
 
 __all__ = ["CHECKPOINT_KEY", "DFMPCCallback", "load_compressed_checkpoint", "restore_compressed"]
@@ -93,7 +95,7 @@ def _state_digest(module: nn.Module) -> str:
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
         h.update(str(t.dtype).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -183,13 +185,13 @@ class DFMPCCallback(Callback):
         tracking: bool = True,
         use_logger: bool = True,
         tracking_uri: Optional[str] = None,
-        experiment_name: str = tracking.DEFAULT_EXPERIMENT,
+        experiment_name: str = _tracking.DEFAULT_EXPERIMENT,
         run_name: Optional[str] = None,
         tags: Optional[Mapping[str, str]] = None,
         log_model: bool = True,
-        local_dir: Union[str, os.PathLike] = tracking.DEFAULT_LOCAL_DIR,
+        local_dir: Union[str, os.PathLike] = _tracking.DEFAULT_LOCAL_DIR,
         keep_local: bool = False,
-        http_timeout: float = tracking.DEFAULT_HTTP_TIMEOUT,
+        http_timeout: float = _tracking.DEFAULT_HTTP_TIMEOUT,
         check_ranks: bool = True,
     ) -> None:
         super().__init__()
@@ -230,7 +232,7 @@ class DFMPCCallback(Callback):
             if not isinstance(tracking_uri, str) or not tracking_uri:
                 raise ConfigError(f"tracking_uri must be a non-empty string, got {tracking_uri!r}")
             try:
-                tracking.resolve_tracking_uri(tracking_uri)
+                _tracking.resolve_tracking_uri(tracking_uri)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from exc
         if not isinstance(experiment_name, str) or not experiment_name:
@@ -282,6 +284,7 @@ class DFMPCCallback(Callback):
         self.local_path: Optional[Path] = None
         self.weights_digest: Optional[str] = None
         self.tracking_error: Optional[str] = None
+        self._strict_saved: Optional[bool] = None
 
     # ------------------------------------------------------------------ Lightning API
 
@@ -290,8 +293,15 @@ class DFMPCCallback(Callback):
         return self._generate_state_key(module_attr=self.module_attr)
 
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        """Fail before training if the network cannot be found or traced."""
+        """Fail before training if the network cannot be found or traced; prepare restoring a
+        compressed checkpoint given as ``ckpt_path``."""
         net = _get_submodule(pl_module, self.module_attr)
+        # A compressed checkpoint holds Quant* modules with extra buffers (weight_scale, ...), and
+        # Lightning loads `ckpt_path` strictly before any callback sees it. Loosen that one load
+        # and finish it in the stage's start hook (_finish_restore), strictly.
+        if not self.compressed and isinstance(getattr(pl_module, "strict_loading", None), bool):
+            self._strict_saved = pl_module.strict_loading
+            pl_module.strict_loading = False
         if self.compressed or stage != "fit" or "fit" not in self.apply_on:
             return
         search = dfmpc_fx.find_compensable_pairs(
@@ -301,18 +311,36 @@ class DFMPCCallback(Callback):
             rank_zero_warn(
                 f"DFMPCCallback: no compensable layer pairs in {type(net).__name__}; layers will get "
                 f"default_bits={self.config.default_bits} without compensation "
-                f"({len(search.refusals)} candidate pairs were refused; see dfmpc_fx.find_compensable_pairs)"
+                f"({len(search.refusals)} layers without a partner; see dfmpc_fx.find_compensable_pairs)"
             )
+
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if not trainer.strategy.restore_checkpoint_after_setup:
+            self._finish_restore(trainer, pl_module, "fit")
+
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._finish_restore(trainer, pl_module, "fit")
+
+    def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if trainer.state.fn == "validate":
+            self._finish_restore(trainer, pl_module, "validate")
+
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if self._strict_saved is not None:  # the stage ended before its start hook
+            pl_module.strict_loading = self._strict_saved
+            self._strict_saved = None
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if "fit" in self.apply_on and not self.compressed:
             self._apply(trainer, pl_module, stage="fit")
 
     def on_test_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._finish_restore(trainer, pl_module, "test")
         if "test" in self.apply_on and not self.compressed:
             self._apply(trainer, pl_module, stage="test")
 
     def on_predict_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._finish_restore(trainer, pl_module, "predict")
         if "predict" in self.apply_on and not self.compressed:
             self._apply(trainer, pl_module, stage="predict")
 
@@ -320,7 +348,8 @@ class DFMPCCallback(Callback):
         return self._checkpoint_entry()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending_state = dict(state_dict)
+        # the network itself is restored from the checkpoint's "dfmpc" entry (see _finish_restore)
+        self.loaded_state = dict(state_dict)
 
     def on_save_checkpoint(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]
@@ -328,19 +357,33 @@ class DFMPCCallback(Callback):
         if self.compressed:
             checkpoint[CHECKPOINT_KEY] = self._checkpoint_entry()
 
-    def on_load_checkpoint(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]
-    ) -> None:
-        # Called when `trainer.fit(..., ckpt_path=...)` resumes, after the model's state dict
-        # was loaded. Re-create the compressed modules and load the saved weights into them.
-        entry = checkpoint.get(CHECKPOINT_KEY)
-        if entry and entry.get("compressed") and not self.compressed:
-            self.swapped = restore_compressed(pl_module, checkpoint)
-            self.compressed = True
-            self.config = dfmpc_fx.DFMPCConfig.from_dict(entry["config"])
-            rank_zero_info(f"DFMPCCallback: restored {len(self.swapped)} compressed modules from the checkpoint")
-
     # ------------------------------------------------------------------ internals
+
+    def _finish_restore(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        """Complete the loosened ``ckpt_path`` load: recreate compressed modules for a compressed
+        checkpoint, or redo the strict key check Lightning would have made."""
+        if self._strict_saved is None:
+            return
+        strict, self._strict_saved = self._strict_saved, None
+        pl_module.strict_loading = strict
+        path = trainer.ckpt_path
+        if not path:
+            return
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        entry = checkpoint.get(CHECKPOINT_KEY)
+        if entry and entry.get("compressed"):
+            if stage == "fit":
+                raise dfmpc_fx.DFMPCError(
+                    f"{path} holds a network already compressed by DFMPCCallback: training it further is "
+                    "not supported (its weights would leave the quantization grid). Fine-tune from the "
+                    "float checkpoint instead, or evaluate this one with trainer.test/validate(ckpt_path=...)"
+                )
+            self.swapped = restore_compressed(pl_module, checkpoint)
+            self.config = dfmpc_fx.DFMPCConfig.from_dict(entry["config"])
+            self.compressed = True
+            rank_zero_info(f"DFMPCCallback: restored {len(self.swapped)} compressed modules from {path}")
+        elif strict and "state_dict" in checkpoint and set(checkpoint["state_dict"]) != set(pl_module.state_dict()):
+            pl_module.load_state_dict(checkpoint["state_dict"], strict=True)  # raises the usual error
 
     def _leaf_modules_arg(self) -> list[type]:
         return list(self.leaf_modules) if self.leaf_modules is not None else []
@@ -387,7 +430,7 @@ class DFMPCCallback(Callback):
             metrics[f"dfmpc/{key}"] = value
             if key in fp32:
                 metrics[f"delta/{key}"] = value - fp32[key]
-        metrics.update(tracking.report_metrics(self.report))
+        metrics.update(_tracking.report_metrics(self.report))
         self.metrics = metrics
         if do_eval and not fp32:
             rank_zero_warn(
@@ -505,7 +548,7 @@ class DFMPCCallback(Callback):
         stage: str,
     ) -> None:
         """Rank zero: write the bundle, upload it, fall back to a local folder on failure."""
-        bundle = tracking.RunBundle()
+        bundle = _tracking.RunBundle()
         bundle.metrics.update(self.metrics)
         bundle.add_report(self.report)
         bundle.params.update(
@@ -529,21 +572,21 @@ class DFMPCCallback(Callback):
             rank_zero_info(f"DFMPCCallback: tracking disabled; results written to {self.local_path}")
             return
 
-        target: Optional[tracking.TrackingTarget] = None
+        target: Optional[_tracking.TrackingTarget] = None
         logger = self._mlflow_logger(trainer)
         uri = None
         try:
-            with tracking.short_http_timeouts(self.http_timeout):
+            with _tracking.short_http_timeouts(self.http_timeout):
                 if logger is not None:
-                    uri = tracking.logger_tracking_uri(logger)
-                    target = tracking.target_from_logger(logger)
+                    uri = _tracking.logger_tracking_uri(logger)
+                    target = _tracking.target_from_logger(logger)
                 else:
-                    uri = tracking.resolve_tracking_uri(self.tracking_uri)
+                    uri = _tracking.resolve_tracking_uri(self.tracking_uri)
                     tags = {"dfmpc.stage": stage, **self.tags}
-                    target = tracking.start_run(uri, self.experiment_name, self.run_name, tags)
+                    target = _tracking.start_run(uri, self.experiment_name, self.run_name, tags)
                 self.run_id = target.run_id
                 step = trainer.global_step if stage == "fit" else None
-                info = tracking.upload_bundle(target, bundle, log_model=self.log_model, step=step)
+                info = _tracking.upload_bundle(target, bundle, log_model=self.log_model, step=step)
                 self.model_uri = info.get("model_uri")
                 target.finish("FINISHED")
         except Exception as exc:  # noqa: BLE001 - any tracking failure must not lose the results
@@ -555,11 +598,11 @@ class DFMPCCallback(Callback):
             self.local_path = bundle.persist(self.local_dir, reason=reason)
             if target is not None and target.owns_run:
                 try:
-                    with tracking.short_http_timeouts(min(self.http_timeout, 3.0)):
+                    with _tracking.short_http_timeouts(min(self.http_timeout, 3.0)):
                         target.finish("FAILED")
                 except Exception:  # noqa: BLE001
                     pass
-            if logger is not None and tracking.is_http(uri or ""):
+            if logger is not None and _tracking.is_http(uri or ""):
                 # Lightning would call finalize() on this logger at the end of fit and crash the
                 # run against the dead server: detach it from the Trainer.
                 trainer.loggers = [lg for lg in trainer.loggers if lg is not logger]
@@ -590,7 +633,7 @@ class DFMPCCallback(Callback):
         self,
         trainer: "pl.Trainer",
         pl_module: "pl.LightningModule",
-        bundle: tracking.RunBundle,
+        bundle: _tracking.RunBundle,
         model: nn.Module,
     ) -> None:
         example = self._example_input(trainer, pl_module)

@@ -298,7 +298,10 @@ def plot_layers(report: Any, path: str | os.PathLike[str], title: str | None = N
     ax_err.set_xticks(xs)
     ax_err.set_xticklabels([layer.name for layer in layers], rotation=90, fontsize=7)
     ax_bits.legend(
-        handles=[Patch(color=c, label=r) for r, c in _ROLE_COLOURS.items()], fontsize=7, loc="upper right"
+        handles=[Patch(color=c, label=r) for r, c in _ROLE_COLOURS.items()],
+        fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.0, 1.0),
     )
     ratio = getattr(report, "compression_ratio", None)
     heading = title or "DF-MPC per-layer summary"
