@@ -1,0 +1,223 @@
+"""Quantizers and closed forms: pure tensor functions checked against brute force."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dfmpc_fx import compensation as cm
+from dfmpc_fx.compensation import ChannelMoments
+from dfmpc_fx.quant import quantize_dorefa, quantize_ternary_twn, quantize_uniform, quantize_weight
+
+torch.set_default_dtype(torch.float32)
+
+
+def _levels(qw) -> int:
+    return int(qw.codes.unique().numel())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_symmetric_codes_in_range_and_dequantize_consistent(bits: int, per_channel: bool) -> None:
+    w = torch.randn(16, 8, 3, 3) * 0.1
+    qw = quantize_uniform(w, bits, per_channel=per_channel)
+    qmax = 2 ** (bits - 1) - 1
+    assert qw.codes.min() >= -qmax and qw.codes.max() <= qmax
+    assert torch.equal(qw.codes, qw.codes.round())
+    assert qw.scale.shape == ((16,) if per_channel else (1,))
+    q = qw.dequantize()
+    scale = qw.scale.view(-1, 1, 1, 1)
+    assert torch.allclose(q, qw.codes * scale)
+    # more bits -> smaller error (monotone on the same weights)
+    if bits < 8:
+        finer = quantize_uniform(w, bits + 1, per_channel=per_channel).dequantize()
+        assert (finer - w).norm() < (q - w).norm()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_least_squares_refinement_never_increases_error(bits: int) -> None:
+    torch.manual_seed(1)
+    w = torch.distributions.Laplace(0.0, 0.05).sample((32, 64))
+    errs = [float((quantize_uniform(w, bits, refine_iters=k).dequantize() - w).norm()) for k in range(6)]
+    assert all(b <= a + 1e-6 for a, b in zip(errs, errs[1:])), errs
+
+
+def test_refined_scale_beats_max_abs_at_low_bits() -> None:
+    torch.manual_seed(2)
+    w = torch.randn(64, 576) * 0.05
+    w[:, 0] = 0.5  # an outlier per channel ruins max-abs scaling
+    qmax = 3
+    amax = w.abs().amax(1, keepdim=True) / qmax
+    max_abs = torch.clamp(torch.round(w / amax), -qmax, qmax) * amax
+    ours = quantize_uniform(w, 3).dequantize()
+    assert (ours - w).norm() < 0.8 * (max_abs - w).norm()
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_asymmetric_has_zero_point_and_all_levels(bits: int) -> None:
+    w = torch.rand(8, 100) * 2 - 0.3
+    qw = quantize_uniform(w, bits, symmetric=False)
+    assert qw.codes.min() >= 0 and qw.codes.max() <= 2**bits - 1
+    assert torch.equal(qw.zero_point, qw.zero_point.round())
+    err = (qw.dequantize() - w).abs().max(dim=1).values
+    assert torch.all(err <= qw.scale * 0.5 + 1e-6)
+
+
+def test_ternary_twn_matches_definition() -> None:
+    w = torch.tensor([[0.9, -0.1, 0.05, -0.8, 0.4, 0.0]])
+    qw = quantize_ternary_twn(w)
+    delta = 0.7 * w.abs().mean()
+    mask = w.abs() > delta
+    alpha = w.abs()[mask].mean()
+    expected = torch.sign(w) * mask * alpha
+    assert torch.allclose(qw.dequantize(), expected)
+    assert _levels(qw) <= 3
+
+
+def test_dorefa_has_no_zero_level_and_uses_k_bits() -> None:
+    w = torch.randn(4, 256) * 0.05
+    qw = quantize_dorefa(w, 3)
+    q = qw.dequantize()
+    assert _levels(qw) <= 8
+    assert bool((q != 0).all()), "DoReFa has no zero level"
+    assert float(q.abs().max()) == pytest.approx(float(w.abs().max()), rel=1e-5)
+
+
+def test_quantize_weight_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError):
+        quantize_weight(torch.randn(3, 3), 3, scheme="ternary")
+    with pytest.raises(ValueError):
+        quantize_weight(torch.randn(3, 3), 3, scheme="nope")
+    with pytest.raises(TypeError):
+        quantize_weight(torch.ones(3, 3, dtype=torch.int32), 3)
+
+
+# --- closed forms ----------------------------------------------------------------------------
+
+def _brute_force_min(loss, lo: float = 0.0, hi: float = 4.0, n: int = 40001) -> float:
+    cs = torch.linspace(lo, hi, n, dtype=torch.float64)
+    return float(cs[torch.argmin(loss(cs))])
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    c_out=st.integers(1, 6),
+    c_in=st.integers(1, 5),
+    k=st.sampled_from([1, 3]),
+    lam1=st.floats(0.0, 2.0),
+    lam2=st.floats(0.0, 0.5),
+)
+def test_paper_closed_form_equals_brute_force_minimum(seed, c_out, c_in, k, lam1, lam2) -> None:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(c_out, c_in, k, k, generator=g, dtype=torch.float64)
+    q = quantize_uniform(w, 2).dequantize()
+    bn_scale = torch.rand(c_out, generator=g, dtype=torch.float64) + 0.2
+    y = torch.randn(c_out, generator=g, dtype=torch.float64)
+    y_hat = y + 0.1 * torch.randn(c_out, generator=g, dtype=torch.float64)
+    c, degenerate = cm.paper_coefficients(q, w, bn_scale, y, y_hat, lam1, lam2)
+    for j in range(c_out):
+        if degenerate[j]:
+            assert c[j] == 1.0
+            continue
+        u = bn_scale[j] * w[j].flatten()
+        uh = bn_scale[j] * q[j].flatten()
+
+        def loss(cs, u=u, uh=uh, j=j):  # Eq. 22
+            return ((cs[:, None] * uh[None] - u[None]) ** 2).sum(1) + lam1 * (cs * y_hat[j] - y[j]) ** 2 + lam2 * cs**2
+
+        best = _brute_force_min(loss, 0.0, max(4.0, 2 * float(c[j]) + 1))
+        assert float(loss(torch.tensor([float(c[j])], dtype=torch.float64))) <= float(loss(torch.tensor([best], dtype=torch.float64))) + 1e-9
+        assert abs(float(c[j]) - best) < 2e-3 * max(1.0, best)
+
+
+def test_derived_coefficients_minimise_expected_loss_under_independent_inputs() -> None:
+    """Monte Carlo: c from the formula minimises E[(c a^ - a)^2] for inputs with the given moments."""
+    torch.manual_seed(3)
+    c_out, c_in = 3, 4
+    w = torch.randn(c_out, c_in, dtype=torch.float64)
+    q = quantize_uniform(w, 2).dequantize()
+    in_mean = torch.rand(c_in, dtype=torch.float64)
+    in_var = torch.rand(c_in, dtype=torch.float64) + 0.1
+    g = torch.rand(c_out, dtype=torch.float64) + 0.5
+    beta = torch.randn(c_out, dtype=torch.float64) * 0.3
+    mu = torch.randn(c_out, dtype=torch.float64) * 0.3
+    x = in_mean + in_var.sqrt() * torch.randn(400_000, c_in, dtype=torch.float64)
+    a = g * (x @ w.T - mu) + beta
+    a_hat = g * (x @ q.T - mu) + beta
+    mean_ref = g * (cm.expected_output(w, in_mean) - mu) + beta
+    mean_hat = g * (cm.expected_output(q, in_mean) - mu) + beta
+    c, _ = cm.derived_coefficients(q, w, g, mean_ref, mean_hat, in_var)
+    empirical = (a_hat * a).mean(0) / (a_hat * a_hat).mean(0)
+    assert torch.allclose(c, empirical.clamp_min(0), rtol=0.02, atol=0.01)
+
+
+def test_coefficients_are_clamped_and_degenerate_channels_get_one() -> None:
+    w = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+    q = torch.tensor([[-1.0, -1.0], [0.0, 0.0]], dtype=torch.float64)  # anti-correlated, all-zero
+    ones = torch.ones(2, dtype=torch.float64)
+    zeros = torch.zeros(2, dtype=torch.float64)
+    c, degenerate = cm.paper_coefficients(q, w, ones, zeros, zeros, 0.5, 0.0)
+    assert c[0] == 0.0  # negative optimum clamped at 0
+    assert degenerate.tolist() == [False, True] and c[1] == 1.0
+
+
+def test_mean_correction_equals_empirical_mean_shift_for_grouped_conv() -> None:
+    torch.manual_seed(4)
+    groups, c_in, c_out = 2, 4, 6
+    w = torch.randn(c_out, c_in // groups, 3, 3, dtype=torch.float64)
+    q = quantize_uniform(w, 2).dequantize()
+    in_mean = torch.rand(c_in, dtype=torch.float64) + 0.5
+    x = in_mean.view(1, -1, 1, 1) + 0.0 * torch.randn(1, c_in, 5, 5, dtype=torch.float64)
+    shift = torch.nn.functional.conv2d(x, q - w, groups=groups)[0, :, 1, 1]  # interior position
+    assert torch.allclose(cm.mean_correction(q, w, in_mean, groups), shift)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), c=st.integers(1, 6), groups=st.sampled_from([1, 2]),
+       fpc=st.sampled_from([1, 4]))
+def test_folding_c_into_next_layer_is_function_preserving(seed, c, groups, fpc) -> None:
+    """Eq. 7: relu(c*z) through W2 == relu(z) through W2 with input channels scaled by c."""
+    g = torch.Generator().manual_seed(seed)
+    channels = c * groups
+    z = torch.randn(3, channels, 2, 2, generator=g, dtype=torch.float64)
+    coeff = torch.rand(channels, generator=g, dtype=torch.float64) * 2
+    if fpc == 1:
+        w2 = torch.randn(5 * groups, channels // groups, 1, 1, generator=g, dtype=torch.float64)
+        lhs = torch.nn.functional.conv2d(torch.relu(coeff.view(1, -1, 1, 1) * z), w2, groups=groups)
+        rhs = torch.nn.functional.conv2d(torch.relu(z), cm.fold_input_scale(w2, coeff, groups), groups=groups)
+    else:
+        w2 = torch.randn(5, channels * fpc, generator=g, dtype=torch.float64)
+        lhs = torch.relu(coeff.view(1, -1, 1, 1) * z).flatten(1) @ w2.T
+        rhs = torch.relu(z).flatten(1) @ cm.fold_input_scale(w2, coeff, 1, fpc).T
+    assert torch.allclose(lhs, rhs, atol=1e-12)
+
+
+@pytest.mark.parametrize("mean,std", [(0.0, 1.0), (1.5, 0.5), (-1.0, 2.0)])
+def test_rectified_gaussian_moments_match_monte_carlo(mean: float, std: float) -> None:
+    torch.manual_seed(5)
+    z = mean + std * torch.randn(2_000_000, dtype=torch.float64)
+    m = ChannelMoments(torch.tensor([mean], dtype=torch.float64), torch.tensor([std**2], dtype=torch.float64))
+    r = cm.relu_moments(m)
+    assert float(r.mean) == pytest.approx(float(torch.relu(z).mean()), abs=5e-3 * max(1, std))
+    assert float(r.var) == pytest.approx(float(torch.relu(z).var()), rel=1e-2, abs=1e-3)
+    lr = cm.leaky_relu_moments(m, 0.1)
+    zl = torch.nn.functional.leaky_relu(z, 0.1)
+    assert float(lr.mean) == pytest.approx(float(zl.mean()), abs=5e-3 * max(1, std))
+    assert float(lr.var) == pytest.approx(float(zl.var()), rel=1e-2, abs=1e-3)
+
+
+def test_layer_output_moments_for_independent_inputs() -> None:
+    torch.manual_seed(6)
+    w = torch.randn(3, 4, dtype=torch.float64)
+    b = torch.randn(3, dtype=torch.float64)
+    m = ChannelMoments(torch.rand(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.1)
+    x = m.mean + m.var.sqrt() * torch.randn(500_000, 4, dtype=torch.float64)
+    y = x @ w.T + b
+    out = cm.layer_output_moments(w, b, m)
+    assert torch.allclose(out.mean, y.mean(0), atol=0.01)
+    assert torch.allclose(out.var, y.var(0), rtol=0.02)
+    assert math.isclose(float(cm.expand_moments(m, 8).mean[1]), float(m.mean[0]))
