@@ -464,16 +464,30 @@ def upload_bundle(
     if log_model and bundle.model is not None:
         import mlflow.pytorch
 
+        # Create the LoggedModel in the run's experiment ourselves: without an active fluent
+        # run, MLflow would put it in the default experiment, where `runs:/<run>/model` and
+        # the UI of the run cannot find it.
+        experiment_id = target.experiment_id or client.get_run(run_id).info.experiment_id
+        logged = client.create_logged_model(
+            experiment_id,
+            name=model_name,
+            source_run_id=run_id,
+            params={k: v for k, v in bundle.params.items() if k.startswith("dfmpc.")},
+            tags={"dfmpc.flavor": "pytorch"},
+        )
         with _use_tracking_uri(target.tracking_uri):
             model_info = mlflow.pytorch.log_model(
                 bundle.model,
                 name=model_name,
+                model_id=logged.model_id,
                 run_id=run_id,
                 pip_requirements=_pip_requirements(),
                 serialization_format="pickle",
                 step=step_value,
             )
+        client.finalize_logged_model(logged.model_id, "READY")
         info["model_uri"] = model_info.model_uri
+        info["runs_model_uri"] = f"runs:/{run_id}/{model_name}"
         client.set_tag(run_id, "dfmpc.model_uri", model_info.model_uri)
     info["artifact_uri"] = client.get_run(run_id).info.artifact_uri
     return info
