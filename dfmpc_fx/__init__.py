@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from .config import DFMPCConfig
 from .errors import ConfigError, DFMPCError, InvalidModelError, TraceError
-from .export import ExportError, export_torchscript
+from .export import ExportError, export_onnx, export_program, export_torchscript
 from .modules import QuantConv1d, QuantConv2d, QuantLinear
+from .packed import PackedConv1d, PackedConv2d, PackedLinear, PackError, pack_model, unpack_model
 from .pairs import CompensablePair, PairSearch, Refusal, find_compensable_pairs
 from .quant import QuantizedWeight, fake_quantize_weight
 from .report import CompressionReport, LayerReport, get_report
+from .serialization import SerializationError, load, save
 from .transform import NoCompensablePairWarning, compress, swap_compressed_modules
 
 __version__ = "0.1.0"
@@ -22,6 +24,17 @@ __all__ = [
     "find_compensable_pairs",
     "get_report",
     "export_torchscript",
+    "export_program",
+    "export_onnx",
+    "pack_model",
+    "unpack_model",
+    "save",
+    "load",
+    "PackedConv1d",
+    "PackedConv2d",
+    "PackedLinear",
+    "PackError",
+    "SerializationError",
     "swap_compressed_modules",
     "CompensablePair",
     "Refusal",

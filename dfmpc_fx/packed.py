@@ -1,0 +1,389 @@
+"""Packed low-bit layers: the truly compressed form of a model returned by :func:`dfmpc_fx.compress`.
+
+A ``Quant*`` layer holds a dequantized float weight (it only simulates compression). Its
+``Packed*`` counterpart holds the same weight as unsigned integer codes bit-packed into a
+``uint8`` buffer, plus the per-channel (or per-tensor) scales and zero points, and dequantizes
+inside ``forward``. Nothing is cached: the module's state is exactly the packed bytes, so a
+TorchScript, ``torch.export`` or ONNX file of a packed model is about
+``bits x weights / 8`` bytes per layer.
+
+Storage layout (dense for every bit width 1..16)
+------------------------------------------------
+A ``b``-bit code ``u`` (``0 <= u < 2**b``) is split into bit fields whose widths are powers of
+two: the binary decomposition of ``b`` greatest first, with 16 = 8 + 8 (2 -> [2], 3 -> [2, 1],
+4 -> [4], 6 -> [4, 2], 8 -> [8]). Each field width ``f`` is a *plane*: ``8 // f`` fields per byte,
+code ``i`` of the layer (row-major order of the weight) in byte ``i // (8 // f)`` at bit
+``f * (i % (8 // f))`` (little-endian within the byte). The planes follow each other in one
+``uint8`` buffer ``packed``; the plane holding bits ``[o, o + f)`` of the code comes first for the
+lowest ``o``. So four 2-bit codes share a byte, two 4-bit codes share a byte, and 3-bit codes
+are stored densely (a 2-bit plane and a 1-bit plane: 3/8 byte per weight, no nibble padding).
+The only padding is at the end of each plane (less than one byte per plane).
+
+Dequantization is ``w = (u - weight_zero_point) * weight_scale`` broadcast over dim 0, where
+``weight_zero_point`` is relative to the *unsigned* code (symmetric codes ``c`` are stored as
+``u = c + 2**(b-1) - 1``). Unpacking uses only ``bitwise_and`` on ``uint8``, a cast to float and
+multiplication by powers of two (no shifts), which TorchScript, ``torch.export`` and ONNX
+(``BitwiseAnd`` on uint8) all support; every step is exact, so the packed layer computes
+bit-for-bit the same weight as the fake-quant layer and therefore the same outputs.
+"""
+
+import copy
+import math
+from typing import List, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.fx import GraphModule
+
+from .errors import DFMPCError
+from .modules import QUANT_MODULES, QuantConv1d, QuantConv2d, QuantLinear
+
+__all__ = [
+    "PackedConv1d",
+    "PackedConv2d",
+    "PackedLinear",
+    "PACKED_MODULES",
+    "PackError",
+    "pack_codes",
+    "unpack_codes",
+    "plane_layout",
+    "packed_nbytes",
+    "pack_module",
+    "unpack_module",
+    "pack_model",
+    "unpack_model",
+    "is_packed",
+]
+
+
+class PackError(DFMPCError, ValueError):
+    """A layer cannot be packed exactly (its weight is not on its quantization grid)."""
+
+
+# --- layout ----------------------------------------------------------------------------------
+def plane_layout(bits: int) -> list[tuple[int, int]]:
+    """``[(field width f, bit offset o), ...]`` of the planes that store a ``bits``-bit code."""
+    if not 1 <= bits <= 16:
+        raise ValueError(f"bits={bits} out of range 1..16")
+    planes: list[tuple[int, int]] = []
+    offset, left = 0, bits
+    for width in (8, 8, 4, 2, 1):
+        if left >= width:
+            planes.append((width, offset))
+            offset += width
+            left -= width
+    return planes
+
+
+def packed_nbytes(numel: int, bits: int) -> int:
+    """Bytes of the packed buffer for ``numel`` codes of ``bits`` bits."""
+    return sum(math.ceil(numel / (8 // f)) for f, _ in plane_layout(bits))
+
+
+def pack_codes(codes: Tensor, bits: int) -> Tensor:
+    """Pack unsigned integer ``codes`` (any shape, values in ``[0, 2**bits)``) into ``uint8``.
+
+    Row-major order of ``codes``; see the module docstring for the layout.
+    """
+    flat = codes.detach().reshape(-1).to(torch.int64)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 2**bits):
+        raise PackError(f"codes must lie in [0, {2**bits - 1}] for {bits} bits, got [{int(flat.min())}, {int(flat.max())}]")
+    out = []
+    for width, offset in plane_layout(bits):
+        per_byte = 8 // width
+        field = (flat >> offset) & ((1 << width) - 1)
+        pad = (-field.numel()) % per_byte
+        if pad:
+            field = torch.cat([field, field.new_zeros(pad)])
+        field = field.view(-1, per_byte)
+        shifts = torch.arange(per_byte, dtype=torch.int64) * width
+        out.append((field << shifts).sum(dim=1).to(torch.uint8))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.uint8)
+
+
+def _plane_tables(bits: int, numel: int) -> tuple[list[int], list[int], list[int], list[float]]:
+    """Per plane: byte count and fields per byte; flattened: bit masks and power-of-two factors."""
+    nbytes: list[int] = []
+    fields: list[int] = []
+    masks: list[int] = []
+    factors: list[float] = []
+    for width, offset in plane_layout(bits):
+        per_byte = 8 // width
+        nbytes.append(math.ceil(numel / per_byte))
+        fields.append(per_byte)
+        for j in range(per_byte):
+            masks.append(((1 << width) - 1) << (width * j))
+            factors.append(2.0 ** (offset - width * j))  # (byte & mask) * factor = field << offset
+    return nbytes, fields, masks, factors
+
+
+def _unpack(packed: Tensor, nbytes: List[int], fields: List[int], masks: List[int], factors: List[float],
+            numel: int, dtype: torch.dtype) -> Tensor:
+    """Unsigned codes as a flat float tensor of ``numel`` elements (exact: integers < 2**16)."""
+    out = torch.empty(0, dtype=dtype, device=packed.device)
+    start = 0
+    k = 0
+    for i in range(len(nbytes)):
+        n = fields[i]
+        seg = packed[start:start + nbytes[i]]
+        start += nbytes[i]
+        m = torch.tensor(masks[k:k + n], dtype=torch.uint8, device=packed.device)
+        s = torch.tensor(factors[k:k + n], dtype=dtype, device=packed.device)
+        k += n
+        vals = torch.bitwise_and(seg.unsqueeze(1), m).to(dtype) * s
+        if i == 0:
+            out = vals.reshape(-1)[:numel]
+        else:
+            out = out + vals.reshape(-1)[:numel]
+    return out
+
+
+def unpack_codes(packed: Tensor, bits: int, numel: int) -> Tensor:
+    """Inverse of :func:`pack_codes`: flat ``int64`` codes."""
+    nbytes, fields, masks, factors = _plane_tables(bits, numel)
+    return _unpack(packed, nbytes, fields, masks, factors, numel, torch.float64).to(torch.int64)
+
+
+# --- modules ---------------------------------------------------------------------------------
+class _PackedBase(nn.Module):
+    """State: ``packed`` (uint8), ``weight_scale``, ``weight_zero_point`` (unsigned-code zero
+    point, shape (C,) or (1,)), ``bias``; attributes ``w_bits``, ``role``, ``scheme``."""
+
+    __jit_unused_properties__ = ["weight"]
+
+    w_bits: int
+    role: str
+    scheme: str
+    weight_shape: List[int]
+    numel: int
+    plane_nbytes: List[int]
+    plane_fields: List[int]
+    plane_masks: List[int]
+    plane_factors: List[float]
+    zero_point_numel: int
+    weight_requires_grad: bool
+
+    def _init_packed(self, weight_shape: List[int], bits: int, role: str, scheme: str, packed: Tensor,
+                     scale: Tensor, zero_point: Tensor, bias: Optional[Tensor], requires_grad: bool) -> None:
+        self.w_bits = int(bits)
+        self.role = str(role)
+        self.scheme = str(scheme)
+        self.weight_shape = [int(s) for s in weight_shape]
+        self.numel = int(math.prod(self.weight_shape))
+        tables = _plane_tables(self.w_bits, self.numel)
+        self.plane_nbytes, self.plane_fields, self.plane_masks, self.plane_factors = tables
+        if packed.dtype != torch.uint8 or packed.numel() != sum(self.plane_nbytes):
+            raise PackError(f"packed buffer must be uint8 of {sum(self.plane_nbytes)} bytes, got {packed.dtype} {packed.numel()}")
+        self.register_buffer("packed", packed.detach().clone())
+        self.register_buffer("weight_scale", scale.detach().clone())
+        self.register_buffer("weight_zero_point", zero_point.detach().clone())
+        self.weight_requires_grad = bool(requires_grad)
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=requires_grad)
+        else:
+            self.register_parameter("bias", None)
+
+    def dequantize_weight(self) -> Tensor:
+        """The float weight, bit-identical to the fake-quant layer's."""
+        codes = _unpack(self.packed, self.plane_nbytes, self.plane_fields, self.plane_masks,
+                        self.plane_factors, self.numel, self.weight_scale.dtype)
+        w = codes.reshape([self.weight_shape[0], -1])
+        w = (w - self.weight_zero_point.unsqueeze(1)) * self.weight_scale.unsqueeze(1)
+        return w.reshape(self.weight_shape)
+
+    @property
+    def weight(self) -> Tensor:  # read-only convenience for Python code (not scripted)
+        return self.dequantize_weight()
+
+    def unsigned_codes(self) -> Tensor:
+        """The stored codes as int64 in the weight's shape (0 .. 2**w_bits - 1)."""
+        return unpack_codes(self.packed, self.w_bits, self.numel).reshape(self.weight_shape)
+
+    def quant_repr(self) -> str:
+        return f"w_bits={self.w_bits}, role={self.role}, scheme={self.scheme}, packed_bytes={self.packed.numel()}"
+
+
+class _PackedConvNd(_PackedBase):
+    def _init_conv(self, layer: nn.Module) -> None:
+        self.in_channels = int(layer.in_channels)
+        self.out_channels = int(layer.out_channels)
+        self.kernel_size = tuple(layer.kernel_size)
+        self.stride = tuple(layer.stride)
+        self.padding = layer.padding if isinstance(layer.padding, str) else tuple(layer.padding)
+        self.dilation = tuple(layer.dilation)
+        self.groups = int(layer.groups)
+        self.padding_mode = str(layer.padding_mode)
+        self._reversed_padding_repeated_twice: List[int] = [int(p) for p in layer._reversed_padding_repeated_twice]
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+             f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}")
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode}"
+        return s + ", " + self.quant_repr()
+
+
+class PackedConv1d(_PackedConvNd):
+    """Packed :class:`~dfmpc_fx.QuantConv1d`."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        weight = self.dequantize_weight()
+        if self.padding_mode != "zeros":
+            return F.conv1d(F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode),
+                            weight, self.bias, self.stride, [0], self.dilation, self.groups)
+        return F.conv1d(input, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class PackedConv2d(_PackedConvNd):
+    """Packed :class:`~dfmpc_fx.QuantConv2d`."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        weight = self.dequantize_weight()
+        if self.padding_mode != "zeros":
+            return F.conv2d(F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode),
+                            weight, self.bias, self.stride, [0, 0], self.dilation, self.groups)
+        return F.conv2d(input, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class PackedLinear(_PackedBase):
+    """Packed :class:`~dfmpc_fx.QuantLinear`."""
+
+    def _init_linear(self, layer: nn.Module) -> None:
+        self.in_features = int(layer.in_features)
+        self.out_features = int(layer.out_features)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.linear(input, self.dequantize_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, " + self.quant_repr()
+
+
+PACKED_MODULES: dict[type, type] = {QuantConv1d: PackedConv1d, QuantConv2d: PackedConv2d, QuantLinear: PackedLinear}
+_QUANT_OF: dict[type, type] = {v: k for k, v in PACKED_MODULES.items()}
+
+
+def _code_offset(scheme: str, bits: int) -> int:
+    """Added to the signed codes of a scheme to make them unsigned ``0 .. 2**bits - 1``."""
+    return 2 ** (bits - 1) - 1 if scheme in ("symmetric", "ternary") else 0
+
+
+def _as_compact(t: Tensor) -> Tensor:
+    """A zero-point vector whose entries are all equal becomes shape (1,) (same broadcast): the
+    symmetric schemes' zero points are all ``2**(b-1) - 1`` and need not cost 4 bytes a channel."""
+    flat = t.reshape(-1)
+    if flat.numel() > 1 and bool((flat == flat[0]).all()):
+        return flat[:1].clone()
+    return flat.clone()
+
+
+def pack_module(layer: nn.Module, name: str = "layer") -> nn.Module:
+    """The ``Packed*`` module for a ``Quant*`` ``layer``; raises :class:`PackError` if not exact."""
+    cls = PACKED_MODULES.get(type(layer))
+    if cls is None:
+        raise PackError(f"{name}: {type(layer).__name__} is not a QuantConv1d/QuantConv2d/QuantLinear")
+    bits, scheme = int(layer.w_bits), str(layer.scheme)
+    weight = layer.weight.detach()
+    if not torch.is_floating_point(weight) or weight.dtype not in (torch.float32, torch.float64):
+        raise PackError(f"{name}: packing needs a float32 or float64 weight, got {weight.dtype}")
+    scale = layer.weight_scale.detach().to(weight.dtype).reshape(-1)
+    zero_point = layer.weight_zero_point.detach().to(weight.dtype).reshape(-1)
+    c_out = weight.shape[0]
+    if scale.numel() not in (1, c_out) or zero_point.numel() not in (1, c_out):
+        raise PackError(f"{name}: weight_scale/weight_zero_point must have 1 or {c_out} entries")
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    signed = torch.round(weight / scale.view(shape) + zero_point.view(shape))
+    offset = _code_offset(scheme, bits)
+    unsigned = signed + offset
+    lo, hi = float(unsigned.min()), float(unsigned.max())
+    if lo < 0 or hi > 2**bits - 1:
+        raise PackError(f"{name}: codes span [{lo:g}, {hi:g}], outside the {bits}-bit range [0, {2**bits - 1}] "
+                        f"of scheme {scheme!r}")
+    packed = pack_codes(unsigned.to(torch.int64), bits)
+    new = cls()
+    if isinstance(layer, nn.Linear):
+        new._init_linear(layer)
+    else:
+        new._init_conv(layer)
+    new._init_packed(list(weight.shape), bits, getattr(layer, "role", "default"), scheme, packed, scale,
+                     _as_compact(zero_point + offset), layer.bias, layer.weight.requires_grad)
+    new.zero_point_numel = int(zero_point.numel())
+    new.train(layer.training)
+    rebuilt = new.dequantize_weight()
+    if not torch.equal(rebuilt, weight):
+        dev = float((rebuilt - weight).abs().max())
+        raise PackError(
+            f"{name}: the weight is not on its {bits}-bit quantization grid (max deviation {dev:.3g} after packing): "
+            "was it modified (e.g. fine-tuned) after dfmpc_fx.compress? Re-run compress on the float model"
+        )
+    return new
+
+
+def unpack_module(layer: nn.Module) -> nn.Module:
+    """The ``Quant*`` module (fake-quant weight) for a ``Packed*`` ``layer``; exact inverse of
+    :func:`pack_module`."""
+    from .quant import QuantizedWeight
+
+    cls = _QUANT_OF.get(type(layer))
+    if cls is None:
+        raise PackError(f"{type(layer).__name__} is not a packed module")
+    weight = layer.dequantize_weight().detach()
+    offset = _code_offset(layer.scheme, layer.w_bits)
+    scale = layer.weight_scale.detach()
+    zp = layer.weight_zero_point.detach() - offset
+    if zp.numel() != layer.zero_point_numel:  # the packed form stores equal zero points once
+        zp = zp.expand(layer.zero_point_numel).clone()
+    qw = QuantizedWeight(codes=torch.empty(0), scale=scale, zero_point=zp, bits=layer.w_bits, scheme=layer.scheme)
+    has_bias = layer.bias is not None
+    grad = layer.weight_requires_grad
+    if cls is QuantLinear:
+        new = cls(layer.in_features, layer.out_features, bias=has_bias, device="meta")
+    else:
+        new = cls(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride, padding=layer.padding,
+                  dilation=layer.dilation, groups=layer.groups, bias=has_bias, padding_mode=layer.padding_mode,
+                  device="meta")
+    new.weight = nn.Parameter(weight.clone(), requires_grad=grad)
+    new.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=grad) if has_bias else None
+    new._set_quant(qw, layer.role)
+    new.train(layer.training)
+    return new
+
+
+def is_packed(model: nn.Module) -> bool:
+    """Whether ``model`` contains packed layers."""
+    return any(type(m) in _QUANT_OF for m in model.modules())
+
+
+def _swap(model: nn.Module, convert, kinds: tuple) -> nn.Module:
+    """A copy of ``model`` whose modules of type in ``kinds`` are replaced by ``convert(module)``;
+    the replaced modules' tensors are never copied (deepcopy memo)."""
+    memo: dict[int, object] = {}
+    found = False
+    for name, mod in model.named_modules():
+        if type(mod) in kinds and id(mod) not in memo:
+            memo[id(mod)] = convert(mod, name)
+            found = True
+    if not found:
+        return copy.deepcopy(model)
+    return copy.deepcopy(model, memo)
+
+
+def pack_model(qmodel: nn.Module) -> Union[GraphModule, nn.Module]:
+    """A copy of ``qmodel`` with every ``Quant*`` module replaced by its ``Packed*`` counterpart.
+
+    ``qmodel`` is not modified; the graph, module names, other modules and ``meta`` (the
+    compression report) are kept. Outputs are identical to ``qmodel``'s (bit for bit: the
+    dequantized weights are equal). Raises :class:`PackError` if a layer's weight is not on its
+    quantization grid. A model that is already packed is returned as a copy.
+    """
+    if not isinstance(qmodel, nn.Module):
+        raise TypeError(f"pack_model expects an nn.Module, got {type(qmodel).__name__}")
+    return _swap(qmodel, lambda m, n: pack_module(m, n), tuple(PACKED_MODULES))
+
+
+def unpack_model(model: nn.Module) -> Union[GraphModule, nn.Module]:
+    """Inverse of :func:`pack_model`: ``Packed*`` modules back to ``Quant*`` (exact)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"unpack_model expects an nn.Module, got {type(model).__name__}")
+    return _swap(model, lambda m, n: unpack_module(m), tuple(_QUANT_OF))
