@@ -409,11 +409,23 @@ class DFMPCCallback(Callback):
         fp32_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()} if trainer.is_global_zero else None
 
         was_training = net.training
-        with torch.no_grad():
-            qmodel = dfmpc_fx.compress(
-                net, self.config, concrete_args=self.concrete_args, leaf_modules=self._leaf_modules_arg()
-            )
-            self.swapped = list(dfmpc_fx.swap_compressed_modules(net, qmodel))
+        try:
+            with torch.no_grad():
+                qmodel = dfmpc_fx.compress(
+                    net, self.config, concrete_args=self.concrete_args, leaf_modules=self._leaf_modules_arg()
+                )
+                self.swapped = list(dfmpc_fx.swap_compressed_modules(net, qmodel))
+        except Exception as exc:
+            if fp32_state is not None:  # rank zero: keep the trained weights before failing
+                self.local_path = self._save_trained_weights(fp32_state, exc)
+                exc.add_note(f"DFMPCCallback: the trained float weights were saved to {self.local_path}")
+                warnings.warn(
+                    f"DFMPCCallback: compression failed ({exc.__class__.__name__}); the trained float "
+                    f"weights were saved to {self.local_path}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            raise
         net.to(device)
         net.train(was_training)
         self.qmodel = qmodel
@@ -448,6 +460,14 @@ class DFMPCCallback(Callback):
             f"in {time.perf_counter() - start:.1f}s"
             + "".join(f"; {k}={v:.4g}" for k, v in metrics.items() if k.startswith(("fp32/", "dfmpc/")))
         )
+
+    def _save_trained_weights(self, fp32_state: dict[str, torch.Tensor], exc: BaseException) -> Path:
+        """Rank zero, compression failed: keep the trained float weights in the local folder."""
+        bundle = _tracking.RunBundle()
+        torch.save(fp32_state, bundle.file("fp32_state_dict.pt"))
+        bundle.params.update({f"dfmpc.{k}": str(v) for k, v in self.config.to_dict().items()})
+        bundle.write_text("COMPRESSION_FAILED.txt", f"{exc.__class__.__name__}: {exc}\n")
+        return bundle.persist(self.local_dir)
 
     def _check_ranks(self, trainer: "pl.Trainer") -> None:
         if not self.check_ranks or trainer.world_size <= 1:
@@ -486,6 +506,9 @@ class DFMPCCallback(Callback):
         """Run the Trainer's own fit-time validation loop once (the way the training epoch
         loop does), with loggers and checkpoint/early-stopping callbacks detached."""
         val_loop = trainer.fit_loop.epoch_loop.val_loop
+        source = getattr(val_loop, "_data_source", None)
+        if source is not None and hasattr(source, "is_defined") and not source.is_defined():
+            return {}  # no val_dataloader: nothing to run (the caller warns)
         saved_stage = trainer.state.stage
         saved_loggers = list(trainer.loggers)
         saved_callbacks = list(trainer.callbacks)

@@ -219,8 +219,10 @@ def build_model(spec: str, kwargs: Optional[dict[str, Any]] = None) -> tuple[Any
     if prefix == "zoo":
         from . import zoo
 
+        if kwargs:
+            raise CLIError("zoo models take no --model-kwargs")
         try:
-            model = zoo.build_model(name, **kwargs) if kwargs else zoo.build_model(name)
+            model = zoo.build_model(name)
         except (KeyError, ValueError) as exc:
             raise CLIError(f"dfmpc_fx.zoo has no model {name!r}: {exc}") from exc
         return model, (1, zoo.IN_CHANNELS, 28, 28)

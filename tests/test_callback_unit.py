@@ -316,6 +316,34 @@ def test_whole_lightning_module_is_compressed_when_no_attribute(tmp_path: Path) 
     assert cb.metrics and not any(k.startswith("fp32/") for k in cb.metrics)
 
 
+class BreakWeightsAtEpochEnd(Callback):
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        with torch.no_grad():
+            pl_module.net.conv2.weight[0, 0, 0, 0] = float("nan")
+
+
+def test_compression_failure_keeps_the_trained_weights(tmp_path: Path) -> None:
+    model = TinyLit()
+    cb = DFMPCCallback(module_attr="net", tracking=False, local_dir=tmp_path / "runs")
+    trainer = make_trainer(tmp_path, [BreakWeightsAtEpochEnd(), cb])
+    with pytest.warns(RuntimeWarning, match="compression failed"), pytest.raises(dfmpc_fx.InvalidModelError):
+        trainer.fit(model, make_loader(), make_loader(64, seed=1))
+    assert not cb.compressed and not is_quant(model.net.conv2)
+    saved = torch.load(cb.local_path / "fp32_state_dict.pt")
+    assert torch.isnan(saved["conv2.weight"][0, 0, 0, 0])
+    torch.testing.assert_close(saved["conv1.weight"], model.net.conv1.weight.detach())
+    assert "InvalidModelError" in (cb.local_path / "COMPRESSION_FAILED.txt").read_text()
+
+
+def test_without_validation_data_it_compresses_and_says_so(tmp_path: Path) -> None:
+    model = TinyLit()
+    cb = DFMPCCallback(module_attr="net", tracking=False, local_dir=tmp_path / "runs")
+    with pytest.warns(UserWarning, match="no validation metrics"):
+        make_trainer(tmp_path, [cb]).fit(model, make_loader())
+    assert cb.compressed and is_quant(model.net.conv2)
+    assert not any(k.startswith(("fp32/", "dfmpc/")) for k in cb.metrics) and "compression_ratio" in cb.metrics
+
+
 # ----------------------------------------------------------------------------- ranks
 
 

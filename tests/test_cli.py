@@ -103,10 +103,6 @@ CASES: dict[str, list[str]] = {
         "--high-bits", "7", "--out", "out/small.ts", "--report", "out/small.json", "--markdown", "out/small.md",
         "--plot", "out/small.png", "--mlflow-uri", "sqlite:///cli.db", "--experiment", "cli-test",
     ],
-    "mlflow_down": [
-        "compress", "clinets:make", "--input-shape", "1,3,16,16", "--out", "down.ts",
-        "--mlflow-uri", f"http://127.0.0.1:{_dead_port()}", "--local-dir", "fallback",
-    ],
     "missing_weights": ["compress", "clinets:make", "--weights", "nope.pt", "--out", "x.ts"],
     "bad_low_bits": ["compress", "clinets:make", "--low-bits", "5", "--out", "x.ts"],
     "untraceable": ["compress", "clinets:untraceable", "--out", "x.ts"],
@@ -115,9 +111,15 @@ CASES: dict[str, list[str]] = {
 
 # ... and the same entry point, main(argv), in this process for the other bad-input paths.
 IN_PROCESS_CASES: dict[str, list[str]] = {
+    "mlflow_down": [
+        "compress", "clinets:make", "--input-shape", "1,3,16,16", "--out", "down.ts",
+        "--mlflow-uri", f"http://127.0.0.1:{_dead_port()}", "--local-dir", "fallback",
+    ],
     "help_compress": ["compress", "--help"],
     "no_command": [],
     "pairs_json": ["pairs", "clinets:make", "--json"],
+    "pairs_zoo": ["pairs", "zoo:resnet20"],
+    "zoo_unknown": ["pairs", "zoo:resnet21"],
     "wrong_weights": ["compress", "clinets:make", "--weights", "other.pt", "--out", "x.ts"],
     "corrupt_weights": ["compress", "clinets:make", "--weights", "corrupt.pt", "--out", "x.ts"],
     "bad_high_bits": ["compress", "clinets:make", "--high-bits", "9", "--out", "x.ts"],
@@ -201,6 +203,12 @@ def test_pairs_as_json(workdir: Path, capsys, monkeypatch) -> None:
     assert all("reason" in x for x in data["refusals"])
 
 
+def test_pairs_of_a_zoo_model(workdir: Path, capsys, monkeypatch) -> None:
+    r = run_in_process(IN_PROCESS_CASES["pairs_zoo"], workdir, capsys, monkeypatch)
+    assert r.code == EXIT_OK, r.text
+    assert "layer1.0.conv1" in r.out and "pairs over" in r.out
+
+
 def test_compress_torchvision_resnet18(results: dict[str, Result], workdir: Path) -> None:
     r = results["compress_resnet18"]
     assert r.code == EXIT_OK, r.text
@@ -242,8 +250,9 @@ def test_compress_with_weights_report_and_sqlite_mlflow(results: dict[str, Resul
     assert "MLflow run" in r.out
 
 
-def test_unreachable_mlflow_keeps_results_locally(results: dict[str, Result], workdir: Path) -> None:
-    r = results["mlflow_down"]
+def test_unreachable_mlflow_keeps_results_locally(workdir: Path, capsys, monkeypatch) -> None:
+    with pytest.warns(RuntimeWarning, match="results saved to"):
+        r = run_in_process(IN_PROCESS_CASES["mlflow_down"], workdir, capsys, monkeypatch)
     assert r.code == EXIT_OK, r.text
     assert (workdir / "down.ts").is_file()
     folders = list((workdir / "fallback").iterdir())
@@ -282,6 +291,7 @@ def test_bad_input_in_a_subprocess(results: dict[str, Result], case: str, code: 
         ("missing_module", EXIT_USAGE, "cannot import 'no_such_module'"),
         ("not_a_model", EXIT_USAGE, "returned int, not a torch.nn.Module"),
         ("file_store_uri", EXIT_USAGE, "MLflow 3 refuses"),
+        ("zoo_unknown", EXIT_USAGE, "dfmpc_fx.zoo has no model 'resnet21'"),
     ],
 )
 def test_bad_input_in_process(workdir: Path, capsys, monkeypatch, case: str, code: int, message: str) -> None:
