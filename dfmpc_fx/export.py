@@ -323,8 +323,9 @@ def export_onnx(
     under protobuf's 2 GB limit. The model is run in onnxruntime (CPU) on ``example_inputs`` and
     compared with ``qmodel`` (max abs diff <= ``atol``). ``packed=True`` exports the packed model:
     unpacking is ``BitwiseAnd`` on uint8 (opset >= 18), cast and multiply, and the file stays about
-    the compressed size (the exporter's optimizer may fold the unpacking of very small layers
-    into float constants).
+    the compressed size (the graph is exported without the exporter's constant folding, which
+    would store small layers as float again; onnxruntime folds the unpacking when it loads the
+    model, so inference does not unpack on every call).
 
     Raises:
         ExportError: onnx/onnxruntime missing, the exporter fails (the message names the
@@ -346,7 +347,8 @@ def export_onnx(
     if data_path.exists():
         data_path.unlink()
     big = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())) > 1_800_000_000
-    kwargs: dict[str, Any] = dict(dynamo=True, external_data=big, verbose=False)
+    packed_graph = _is_packed(model)
+    kwargs: dict[str, Any] = dict(dynamo=True, verbose=False, optimize=not packed_graph)
     if opset_version is not None:
         kwargs["opset_version"] = opset_version
     if dynamic_batch:
@@ -354,7 +356,10 @@ def export_onnx(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, inputs, str(path), **kwargs)
+            program = torch.onnx.export(model, inputs, **kwargs)
+            if packed_graph:
+                _optimize_keeping_packed(program)
+            program.save(str(path), external_data=big)
     except Exception as exc:
         raise ExportError(f"torch.onnx.export failed for {type(qmodel).__name__}: {_onnx_reason(exc)}") from exc
     try:
@@ -369,6 +374,31 @@ def export_onnx(
     _check_match(reference, got, atol, "ONNX (onnxruntime)")
     _record_artifact(qmodel, "onnx", [path, data_path], model)
     return path
+
+
+def _optimize_keeping_packed(program: Any) -> None:
+    """The exporter's optimizer, except that the unpacking of packed layers is not folded.
+
+    Its constant folding would evaluate ``BitwiseAnd(packed, mask) -> Cast -> Mul ...`` for every
+    layer whose packed buffer is small (<= 8192 bytes) and store the float weight instead. Here
+    ``BitwiseAnd`` is never folded, so everything downstream of it stays computed; onnxruntime
+    folds it in memory when it creates a session, so inference does not unpack on every call.
+    Without a usable optimizer the graph is left unoptimized (larger file, same outputs).
+    """
+    try:
+        from onnxscript.optimizer import optimize_ir
+    except ImportError:  # pragma: no cover - onnxscript layout changed
+        return
+    try:
+        optimize_ir(program.model, should_fold=lambda node: False if node.op_type == "BitwiseAnd" else None)
+    except TypeError:  # pragma: no cover - no should_fold in this onnxscript
+        return
+
+
+def _is_packed(model: nn.Module) -> bool:
+    from .packed import is_packed
+
+    return is_packed(model)
 
 
 def _onnx_reason(exc: BaseException) -> str:
