@@ -378,7 +378,9 @@ class DFMPCCallback(Callback):
                     "not supported (its weights would leave the quantization grid). Fine-tune from the "
                     "float checkpoint instead, or evaluate this one with trainer.test/validate(ckpt_path=...)"
                 )
-            self.swapped = restore_compressed(pl_module, checkpoint)
+            self.swapped = restore_compressed(
+                pl_module, checkpoint, concrete_args=self.concrete_args, leaf_modules=self.leaf_modules
+            )
             self.config = dfmpc_fx.DFMPCConfig.from_dict(entry["config"])
             self.compressed = True
             rank_zero_info(f"DFMPCCallback: restored {len(self.swapped)} compressed modules from {path}")
