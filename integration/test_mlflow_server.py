@@ -108,9 +108,12 @@ def test_fit_logs_params_metrics_artifacts_and_model_in_the_loggers_run(mlflow_s
         mlflow.set_tracking_uri(None)
 
 
-def test_without_logger_the_callback_starts_and_finishes_its_own_run(mlflow_server, tmp_path: Path) -> None:
+def test_without_logger_the_callback_starts_and_finishes_its_own_run(
+    mlflow_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     experiment = f"it-own-{uuid.uuid4().hex[:8]}"
-    cb = DFMPCCallback(module_attr="net", tracking_uri=mlflow_server.uri, experiment_name=experiment,
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)  # no tracking_uri argument: the env var
+    cb = DFMPCCallback(module_attr="net", experiment_name=experiment,
                        run_name="own", tags={"team": "tests"}, log_model=False, keep_local=True)
     fit(tmp_path, cb)
     client = MlflowClient(mlflow_server.uri)
@@ -120,5 +123,6 @@ def test_without_logger_the_callback_starts_and_finishes_its_own_run(mlflow_serv
     assert run.info.status == "FINISHED" and run.info.run_name == "own"
     assert run.data.tags["team"] == "tests" and run.data.tags["dfmpc.stage"] == "fit"
     assert {"fp32/val_acc", "dfmpc/val_acc"} <= set(run.data.metrics)
+    assert not (tmp_path / "mlflow.db").exists()  # the env var won over the sqlite default
     # keep_local: the same files are also on disk
     assert (cb.local_path / "model.ts").is_file() and not (cb.local_path / "TRACKING_FAILED.txt").exists()
