@@ -238,3 +238,84 @@ def expand_moments(m: ChannelMoments, size: int) -> ChannelMoments | None:
 
 
 __all__ += ["layer_output_moments", "batchnorm_output_moments", "expand_moments"]
+
+
+def summed_kernel_variance(weight: torch.Tensor, in_var: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """``sum_k v_k (sum_s W_jks)^2``: the output variance if each input channel were constant
+    over the kernel window (perfect spatial correlation); the independent case is
+    ``weighted_channel_inner(W, W, v)``."""
+    c_out, ipg = weight.shape[0], weight.shape[1]
+    summed = weight if weight.dim() == 2 else weight.reshape(c_out, ipg, -1).sum(dim=2)
+    return weighted_channel_inner(summed, summed, in_var, groups)
+
+
+def fit_input_correlation(
+    recorded_var: torch.Tensor, independent: torch.Tensor, correlated: torch.Tensor
+) -> tuple[float, float]:
+    """Non-negative ``(alpha, beta)`` with ``recorded ~ alpha * independent + beta * correlated``.
+
+    ``recorded`` is the variance BatchNorm measured on the training data for each channel; the
+    fit (relative least squares over channels) calibrates a spatial-correlation model of the
+    layer's input without data, so that the variance of the *quantized* layer's output can be
+    predicted as ``alpha * A(Q) + beta * B(Q)``.
+    """
+    y = recorded_var.to(torch.float64)
+    keep = y > 0
+    if int(keep.sum()) == 0:
+        return 1.0, 0.0
+    scale = y[keep]
+    a = independent.to(torch.float64)[keep] / scale
+    b = correlated.to(torch.float64)[keep] / scale
+    one = torch.ones_like(a)
+    candidates: list[tuple[float, float]] = []
+    gram = torch.tensor([[a @ a, a @ b], [a @ b, b @ b]], dtype=torch.float64)
+    rhs = torch.stack([a @ one, b @ one])
+    if float(torch.linalg.det(gram)) > 1e-12 * float(gram.diagonal().prod()):
+        sol = torch.linalg.solve(gram, rhs)
+        if bool((sol >= 0).all()):
+            candidates.append((float(sol[0]), float(sol[1])))
+    if float(a @ a) > 0:
+        candidates.append((float(a @ one / (a @ a)), 0.0))
+    if float(b @ b) > 0:
+        candidates.append((0.0, float(b @ one / (b @ b))))
+    if not candidates:
+        return 1.0, 0.0
+    return min(candidates, key=lambda ab: float(((ab[0] * a + ab[1] * b - one) ** 2).sum()))
+
+
+def predicted_variance_ratio(
+    quantized: torch.Tensor,
+    reference: torch.Tensor,
+    in_var: torch.Tensor,
+    groups: int,
+    alpha: float,
+    beta: float,
+) -> torch.Tensor:
+    """``Var(Q x) / Var(W x)`` per output channel under the fitted correlation model."""
+    def model(w: torch.Tensor) -> torch.Tensor:
+        out = alpha * weighted_channel_inner(w, w, in_var, groups)
+        return out + beta * summed_kernel_variance(w, in_var, groups) if beta else out
+
+    ref = model(reference)
+    hat = model(quantized)
+    ok = ref > torch.finfo(ref.dtype).tiny * 1e6
+    return torch.where(ok, hat / torch.where(ok, ref, torch.ones_like(ref)), torch.ones_like(ref))
+
+
+__all__ += ["summed_kernel_variance", "fit_input_correlation", "predicted_variance_ratio"]
+
+
+def variance_restoring_coefficients(ratio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``c = 1 / sqrt(Var(Q x) / Var(W x))``; channels whose quantized output has no variance
+    (all-zero filters) are degenerate and keep c = 1."""
+    degenerate = ratio <= 1e-12
+    c = torch.where(degenerate, torch.ones_like(ratio), ratio.clamp_min(1e-12).rsqrt())
+    return c, degenerate
+
+
+def mean_preserving_shift(mean: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Shift ``s`` with ``c * (a + s) = c * (a - E[a]) + E[a]``: scaling by c around the mean."""
+    return mean * (1.0 / c - 1.0)
+
+
+__all__ += ["variance_restoring_coefficients", "mean_preserving_shift"]

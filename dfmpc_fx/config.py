@@ -11,7 +11,7 @@ Method = Literal["dfmpc", "paper"]
 METHODS: tuple[str, ...] = ("dfmpc", "paper")
 GRANULARITIES: tuple[str, ...] = ("per_channel", "per_tensor")
 SCHEMES: tuple[str, ...] = ("symmetric", "asymmetric")
-SCALE_RULES: tuple[str, ...] = ("least_squares", "variance")
+SCALE_RULES: tuple[str, ...] = ("batchnorm", "least_squares", "variance")
 
 
 @dataclass(frozen=True)
@@ -34,9 +34,11 @@ class DFMPCConfig:
         scheme: ``symmetric`` (a zero level, narrow range) or ``asymmetric`` (zero point).
         mean_correction: shift BatchNorm means (or biases) by the expected output error of each
             quantized layer, from data-free input moments (``method="dfmpc"`` only).
-        scale_rule: how ``method="dfmpc"`` picks c: ``least_squares`` (the derived bound,
-            method.md point 1) or ``variance`` (restore each channel's predicted second moment,
-            what re-estimating BatchNorm on data would do).
+        scale_rule: how ``method="dfmpc"`` picks c: ``batchnorm`` (default: restore each
+            channel's variance around its mean, predicted with an input-correlation model
+            calibrated on the recorded BatchNorm variances: a data-free BatchNorm
+            re-estimation), ``least_squares`` (the derived bound, method.md point 1) or
+            ``variance`` (restore each channel's second moment under independent inputs).
         input_mean, input_std: assumed per-element statistics of the model's input (normalised
             images: 0 and 1).
         max_bits: bit widths above 8 are refused unless raised here (16 is useful to check that
@@ -54,7 +56,7 @@ class DFMPCConfig:
     granularity: str = "per_channel"
     scheme: str = "symmetric"
     mean_correction: bool = True
-    scale_rule: str = "least_squares"
+    scale_rule: str = "batchnorm"
     input_mean: float = 0.0
     input_std: float = 1.0
     max_bits: int = 8

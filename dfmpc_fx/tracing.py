@@ -74,5 +74,9 @@ def trace_model(
             "Python control flow; (2) pass leaf_modules=[SubmoduleType or 'qualified.name'] so the "
             "untraceable submodule is kept as one opaque call (it is then left unquantized)."
         ) from exc
+    for node in graph.nodes:
+        # fx renders annotations such as ``x: torch.Tensor`` as aliases (``_torch_Tensor_``)
+        # that TorchScript cannot resolve; every value here is a Tensor or a plain Python value.
+        node.type = None
     name = type(model).__name__
     return GraphModule(tracer.root, graph, name)

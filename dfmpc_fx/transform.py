@@ -226,14 +226,35 @@ def _quantize_layers(
             else:
                 new_bias = -delta if bias is None else bias - delta
 
+        restore_variance = (cfg.compensate and use_moments and cfg.scale_rule == "batchnorm"
+                            and in_m is not None)
+        ratio = None
+        if restore_variance:
+            ratio = _variance_ratio(q, ref, bn, in_m, groups)
         if cfg.compensate and pair is not None:
-            c, degenerate = _coefficients(q, ref, bias, new_bias, bn, mu, in_m, groups, cfg)
+            if ratio is not None:
+                # Restore each channel's variance around its (corrected) mean, as re-estimating
+                # BatchNorm on data would: c scales the pre-activation, folded into the partner;
+                # the shift keeps the mean where mean correction put it.
+                c, degenerate = cmath.variance_restoring_coefficients(ratio)
+                mean_ref = _expected_preactivation(ref, bias, bn, mu, in_m, groups)
+                shift = cmath.mean_preserving_shift(mean_ref, c)
+                if bn is not None and bn.bias is not None:
+                    bn.bias.data.copy_((bn.bias.detach().to(dtype) + shift).to(bn.bias.dtype))
+                elif bn is None:
+                    new_bias = shift if new_bias is None else new_bias + shift
+            else:
+                c, degenerate = _coefficients(q, ref, bias, new_bias, bn, mu, in_m, groups, cfg)
             rep.coeff_mean, rep.coeff_min, rep.coeff_max = float(c.mean()), float(c.min()), float(c.max())
             rep.degenerate_channels = int(degenerate.sum())
             rep.partner = pair.second
             if rep.degenerate_channels:
                 report_warnings.append(f"{name}: {rep.degenerate_channels} channels quantized to all zeros; c = 1 there")
             incoming[pair.second] = (c, pair.features_per_channel)
+        elif ratio is not None and bn is not None:
+            # No partner to absorb a scale: put the predicted variance into BatchNorm itself.
+            var = bn.running_var.detach().to(dtype)
+            bn.running_var.copy_(((var + bn.eps) * ratio - bn.eps).clamp_min(0).to(bn.running_var.dtype))
 
         w_dtype = layer.weight.dtype
         qw.scale, qw.zero_point = qw.scale.to(w_dtype), qw.zero_point.to(w_dtype)
@@ -241,6 +262,37 @@ def _quantize_layers(
         gm.set_submodule(name, new)
         reports.append(rep)
     return reports
+
+
+def _variance_ratio(
+    q: torch.Tensor, ref: torch.Tensor, bn: Optional[nn.Module], in_m: ChannelMoments, groups: int
+) -> torch.Tensor:
+    """Predicted Var(Q x) / Var(W x) per channel, with the input-correlation model calibrated on
+    the variances the following BatchNorm recorded (independent inputs without BatchNorm)."""
+    alpha, beta = 1.0, 0.0
+    if bn is not None and bn.running_var is not None:
+        alpha, beta = cmath.fit_input_correlation(
+            bn.running_var.detach().to(ref.dtype),
+            cmath.weighted_channel_inner(ref, ref, in_m.var, groups),
+            cmath.summed_kernel_variance(ref, in_m.var, groups),
+        )
+    return cmath.predicted_variance_ratio(q, ref, in_m.var, groups, alpha, beta)
+
+
+def _expected_preactivation(
+    ref: torch.Tensor, bias: Optional[torch.Tensor], bn: Optional[nn.Module], mu: Optional[torch.Tensor],
+    in_m: ChannelMoments, groups: int,
+) -> torch.Tensor:
+    """E[a]: the float layer's expected output after its BatchNorm (or bias)."""
+    z = cmath.expected_output(ref, in_m.mean, groups)
+    if bias is not None:
+        z = z + bias
+    if bn is None:
+        return z
+    dtype = ref.dtype
+    gamma = bn.weight.detach().to(dtype) if bn.weight is not None else torch.ones_like(z)
+    beta = bn.bias.detach().to(dtype) if bn.bias is not None else torch.zeros_like(z)
+    return gamma / torch.sqrt(bn.running_var.detach().to(dtype) + bn.eps) * (z - mu) + beta
 
 
 def _coefficients(
