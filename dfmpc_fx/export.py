@@ -316,6 +316,7 @@ def export_onnx(
     dynamic_batch: bool = False,
     opset_version: Optional[int] = None,
     atol: float = 1e-4,
+    program: Optional["torch.export.ExportedProgram"] = None,
 ) -> Path:
     """Write ``qmodel`` as ONNX (torch.export-based exporter) and check it in onnxruntime.
 
@@ -325,7 +326,12 @@ def export_onnx(
     unpacking is ``BitwiseAnd`` on uint8 (opset >= 18), cast and multiply, and the file stays about
     the compressed size (the graph is exported without the exporter's constant folding, which
     would store small layers as float again; onnxruntime folds the unpacking when it loads the
-    model, so inference does not unpack on every call).
+    model, so inference does not unpack on every call). Node debug metadata (Python stack traces
+    with local paths, fx node text) is dropped: it would be about a third of a packed file.
+
+    ``program``: the :class:`torch.export.ExportedProgram` that :func:`export_program` returned
+    for the same model, ``packed`` flag and inputs; it is converted instead of exporting again
+    (torch.export is the slow half of an ONNX export). ``dynamic_batch`` is then the program's.
 
     Raises:
         ExportError: onnx/onnxruntime missing, the exporter fails (the message names the
@@ -351,15 +357,18 @@ def export_onnx(
     kwargs: dict[str, Any] = dict(dynamo=True, verbose=False, optimize=not packed_graph)
     if opset_version is not None:
         kwargs["opset_version"] = opset_version
-    if dynamic_batch:
+    if dynamic_batch and program is None:
         kwargs["dynamic_shapes"] = _dynamic_batch_shapes(inputs)
+    if program is not None and not isinstance(program, torch.export.ExportedProgram):
+        raise TypeError(f"program must be a torch.export.ExportedProgram, got {type(program).__name__}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(model, inputs, **kwargs)
+            onnx_program = torch.onnx.export(program if program is not None else model, inputs, **kwargs)
             if packed_graph:
-                _optimize_keeping_packed(program)
-            program.save(str(path), external_data=big)
+                _optimize_keeping_packed(onnx_program)
+            _drop_node_metadata(onnx_program)
+            onnx_program.save(str(path), external_data=big)
     except Exception as exc:
         raise ExportError(f"torch.onnx.export failed for {type(qmodel).__name__}: {_onnx_reason(exc)}") from exc
     try:
@@ -374,6 +383,17 @@ def export_onnx(
     _check_match(reference, got, atol, "ONNX (onnxruntime)")
     _record_artifact(qmodel, "onnx", [path, data_path], model)
     return path
+
+
+def _drop_node_metadata(onnx_program: Any) -> None:
+    """Remove per-node debug metadata (stack traces, fx node text, name scopes)."""
+    try:
+        graphs = [onnx_program.model.graph] + [f for f in onnx_program.model.functions.values()]
+        for graph in graphs:
+            for node in graph:
+                node.metadata_props.clear()
+    except Exception:  # pragma: no cover - onnx_ir layout changed: keep the metadata
+        return
 
 
 def _optimize_keeping_packed(program: Any) -> None:

@@ -118,31 +118,46 @@ def _plane_tables(bits: int, numel: int) -> tuple[list[int], list[int], list[int
     return nbytes, fields, masks, factors
 
 
-def _unpack(packed: Tensor, nbytes: List[int], fields: List[int], masks: List[int], factors: List[float],
-            numel: int, dtype: torch.dtype) -> Tensor:
-    """Unsigned codes as a flat float tensor of ``numel`` elements (exact: integers < 2**16)."""
-    out = torch.empty(0, dtype=dtype, device=packed.device)
+def _unpack(packed: Tensor, nbytes: List[int], fields: List[int], masks: Tensor, factors: Tensor,
+            numel: int) -> Tensor:
+    """Unsigned codes, ``numel`` of them in row-major order, as floats (dtype of ``factors``).
+
+    Exact: every field is masked out of its byte, cast, and scaled by a power of two, and the
+    planes are summed (integers < 2**16). Slices that would be no-ops are skipped, which keeps
+    exported graphs small (single-plane layers: and, cast, mul, reshape).
+    """
+    out = factors  # placeholder (TorchScript needs a value of the type); overwritten on plane 0
     start = 0
     k = 0
     for i in range(len(nbytes)):
         n = fields[i]
-        seg = packed[start:start + nbytes[i]]
+        seg = packed
+        if nbytes[i] != packed.shape[0]:
+            seg = packed[start:start + nbytes[i]]
         start += nbytes[i]
-        m = torch.tensor(masks[k:k + n], dtype=torch.uint8, device=packed.device)
-        s = torch.tensor(factors[k:k + n], dtype=dtype, device=packed.device)
+        m = masks
+        s = factors
+        if n != masks.shape[0]:
+            m = masks[k:k + n]
+            s = factors[k:k + n]
         k += n
-        vals = torch.bitwise_and(seg.unsqueeze(1), m).to(dtype) * s
+        vals = torch.bitwise_and(seg.unsqueeze(1), m).to(factors.dtype) * s
+        if len(nbytes) > 1 or nbytes[i] * n != numel:  # (one plane without padding: the caller reshapes)
+            vals = vals.reshape(-1)
+            if vals.shape[0] != numel:
+                vals = vals[:numel]
         if i == 0:
-            out = vals.reshape(-1)[:numel]
+            out = vals
         else:
-            out = out + vals.reshape(-1)[:numel]
+            out = out + vals
     return out
 
 
 def unpack_codes(packed: Tensor, bits: int, numel: int) -> Tensor:
     """Inverse of :func:`pack_codes`: flat ``int64`` codes."""
     nbytes, fields, masks, factors = _plane_tables(bits, numel)
-    return _unpack(packed, nbytes, fields, masks, factors, numel, torch.float64).to(torch.int64)
+    return _unpack(packed, nbytes, fields, torch.tensor(masks, dtype=torch.uint8),
+                   torch.tensor(factors, dtype=torch.float64), numel).reshape(-1).to(torch.int64)
 
 
 # --- modules ---------------------------------------------------------------------------------
@@ -159,8 +174,6 @@ class _PackedBase(nn.Module):
     numel: int
     plane_nbytes: List[int]
     plane_fields: List[int]
-    plane_masks: List[int]
-    plane_factors: List[float]
     zero_point_numel: int
     weight_requires_grad: bool
 
@@ -171,13 +184,16 @@ class _PackedBase(nn.Module):
         self.scheme = str(scheme)
         self.weight_shape = [int(s) for s in weight_shape]
         self.numel = int(math.prod(self.weight_shape))
-        tables = _plane_tables(self.w_bits, self.numel)
-        self.plane_nbytes, self.plane_fields, self.plane_masks, self.plane_factors = tables
+        self.plane_nbytes, self.plane_fields, masks, factors = _plane_tables(self.w_bits, self.numel)
         if packed.dtype != torch.uint8 or packed.numel() != sum(self.plane_nbytes):
             raise PackError(f"packed buffer must be uint8 of {sum(self.plane_nbytes)} bytes, got {packed.dtype} {packed.numel()}")
         self.register_buffer("packed", packed.detach().clone())
         self.register_buffer("weight_scale", scale.detach().clone())
         self.register_buffer("weight_zero_point", zero_point.detach().clone())
+        # per-field bit masks and power-of-two factors (a few bytes; derived from w_bits, so not in
+        # the state dict, but saved with TorchScript and torch.export artifacts)
+        self.register_buffer("plane_mask", torch.tensor(masks, dtype=torch.uint8), persistent=False)
+        self.register_buffer("plane_factor", torch.tensor(factors, dtype=scale.dtype), persistent=False)
         self.weight_requires_grad = bool(requires_grad)
         if bias is not None:
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=requires_grad)
@@ -186,8 +202,8 @@ class _PackedBase(nn.Module):
 
     def dequantize_weight(self) -> Tensor:
         """The float weight, bit-identical to the fake-quant layer's."""
-        codes = _unpack(self.packed, self.plane_nbytes, self.plane_fields, self.plane_masks,
-                        self.plane_factors, self.numel, self.weight_scale.dtype)
+        codes = _unpack(self.packed, self.plane_nbytes, self.plane_fields, self.plane_mask, self.plane_factor,
+                        self.numel)
         w = codes.reshape([self.weight_shape[0], -1])
         w = (w - self.weight_zero_point.unsqueeze(1)) * self.weight_scale.unsqueeze(1)
         return w.reshape(self.weight_shape)

@@ -165,10 +165,16 @@ def run_model(name: str, image_size: int, result_path: Path, formats: list[str])
 
         with tempfile.TemporaryDirectory(prefix=f"zoo_{name}_") as tmp:
             tmp_path = Path(tmp)
+            programs: list[Any] = []  # the ExportedProgram, reused by the ONNX export (one torch.export, not two)
+
+            def to_program():
+                programs.append(dfmpc_fx.export_program(qmodel, x, packed=True, path=tmp_path / "m.pt2"))
+
             exporters = {
                 "torchscript": lambda: dfmpc_fx.export_torchscript(qmodel, tmp_path / "m.ts", x, packed=True),
-                "program": lambda: dfmpc_fx.export_program(qmodel, x, packed=True, path=tmp_path / "m.pt2"),
-                "onnx": lambda: dfmpc_fx.export_onnx(qmodel, tmp_path / "m.onnx", x, packed=True),
+                "program": to_program,
+                "onnx": lambda: dfmpc_fx.export_onnx(qmodel, tmp_path / "m.onnx", x, packed=True,
+                                                     program=programs[0] if programs else None),
             }
             for fmt in formats:
                 stage(f"export {fmt}")
