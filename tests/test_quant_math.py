@@ -221,3 +221,39 @@ def test_layer_output_moments_for_independent_inputs() -> None:
     assert torch.allclose(out.mean, y.mean(0), atol=0.01)
     assert torch.allclose(out.var, y.var(0), rtol=0.02)
     assert math.isclose(float(cm.expand_moments(m, 8).mean[1]), float(m.mean[0]))
+
+
+def test_correlation_fit_recovers_the_recorded_variances() -> None:
+    """Inputs constant over each kernel window with probability rho: the fit finds the mixture."""
+    torch.manual_seed(7)
+    w = torch.randn(32, 4, 3, 3, dtype=torch.float64)
+    v = torch.rand(4, dtype=torch.float64) + 0.5
+    a = cm.weighted_channel_inner(w, w, v)
+    b = cm.summed_kernel_variance(w, v)
+    recorded = 0.3 * a + 0.5 * b
+    alpha, beta = cm.fit_input_correlation(recorded, a, b)
+    assert alpha == pytest.approx(0.3, rel=1e-6) and beta == pytest.approx(0.5, rel=1e-6)
+    # a Monte Carlo check of the correlated model: x_ks = v_k^0.5 * (sqrt(1-r) e_ks + sqrt(r) f_k)
+    r = 0.6
+    n = 200_000
+    e = torch.randn(n, 4, 9, dtype=torch.float64)
+    f = torch.randn(n, 4, 1, dtype=torch.float64)
+    x = v.sqrt().view(1, 4, 1) * ((1 - r) ** 0.5 * e + r**0.5 * f)
+    out = torch.einsum("nks,jks->nj", x, w.reshape(32, 4, 9))
+    predicted = (1 - r) * a + r * b
+    assert torch.allclose(out.var(0), predicted, rtol=0.03)
+    q = quantize_uniform(w, 2).dequantize()
+    ratio = cm.predicted_variance_ratio(q, w, v, 1, 1 - r, r)
+    out_q = torch.einsum("nks,jks->nj", x, q.reshape(32, 4, 9))
+    assert torch.allclose(ratio, out_q.var(0) / out.var(0), rtol=0.05)
+
+
+def test_variance_restoring_scale_keeps_the_mean() -> None:
+    ratio = torch.tensor([4.0, 0.25, 0.0], dtype=torch.float64)
+    c, degenerate = cm.variance_restoring_coefficients(ratio)
+    assert torch.allclose(c[:2], torch.tensor([0.5, 2.0], dtype=torch.float64))
+    assert degenerate.tolist() == [False, False, True] and c[2] == 1.0
+    mean = torch.tensor([1.5, -0.5, 0.2], dtype=torch.float64)
+    a = mean + torch.randn(1000, 3, dtype=torch.float64)
+    shifted = c * (a + cm.mean_preserving_shift(mean, c))
+    assert torch.allclose(shifted.mean(0) - mean, c * (a.mean(0) - mean), atol=1e-12)
