@@ -97,9 +97,9 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
         if pad:
             field = torch.cat([field, field.new_zeros(pad)])
         field = field.view(-1, per_byte)
-        shifts = torch.arange(per_byte, dtype=torch.int64) * width
+        shifts = torch.arange(per_byte, dtype=torch.int64, device=flat.device) * width
         out.append((field << shifts).sum(dim=1).to(torch.uint8))
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.uint8)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.uint8, device=flat.device)
 
 
 def _plane_tables(bits: int, numel: int) -> tuple[list[int], list[int], list[int], list[float]]:
@@ -156,8 +156,8 @@ def _unpack(packed: Tensor, nbytes: List[int], fields: List[int], masks: Tensor,
 def unpack_codes(packed: Tensor, bits: int, numel: int) -> Tensor:
     """Inverse of :func:`pack_codes`: flat ``int64`` codes."""
     nbytes, fields, masks, factors = _plane_tables(bits, numel)
-    return _unpack(packed, nbytes, fields, torch.tensor(masks, dtype=torch.uint8),
-                   torch.tensor(factors, dtype=torch.float64), numel).reshape(-1).to(torch.int64)
+    return _unpack(packed, nbytes, fields, torch.tensor(masks, dtype=torch.uint8, device=packed.device),
+                   torch.tensor(factors, dtype=torch.float64, device=packed.device), numel).reshape(-1).to(torch.int64)
 
 
 # --- modules ---------------------------------------------------------------------------------
@@ -192,8 +192,8 @@ class _PackedBase(nn.Module):
         self.register_buffer("weight_zero_point", zero_point.detach().clone())
         # per-field bit masks and power-of-two factors (a few bytes; derived from w_bits, so not in
         # the state dict, but saved with TorchScript and torch.export artifacts)
-        self.register_buffer("plane_mask", torch.tensor(masks, dtype=torch.uint8), persistent=False)
-        self.register_buffer("plane_factor", torch.tensor(factors, dtype=scale.dtype), persistent=False)
+        self.register_buffer("plane_mask", torch.tensor(masks, dtype=torch.uint8, device=packed.device), persistent=False)
+        self.register_buffer("plane_factor", torch.tensor(factors, dtype=scale.dtype, device=packed.device), persistent=False)
         self.weight_requires_grad = bool(requires_grad)
         if bias is not None:
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=requires_grad)

@@ -8,8 +8,9 @@ compressing at 16 bits preserves the function, pack, and export the packed model
 artifact's output with the compressed model. Each model runs in its own subprocess with a time
 limit, so a crash, a hang or an out-of-memory kill is recorded as that model's failure.
 
-Writes ``docs/zoo.md`` (the table) and keeps one JSON result per model under
-``outputs/zoo/`` (``--resume`` reuses them). One command::
+Writes ``docs/zoo.md`` (the table, from every result so far) and keeps one JSON result per model
+under ``outputs/zoo/`` (``--resume`` skips finished models, ``--models`` reruns some, and
+``--report-only`` rewrites the table). One command::
 
     OMP_NUM_THREADS=1 python scripts/zoo_sweep.py            # every model, ~hours on one core
     python scripts/zoo_sweep.py --models resnet18,vit_b_16   # a few, for a quick look
@@ -239,7 +240,8 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def write_markdown(results: list[dict[str, Any]], skipped: list[tuple[str, Optional[int]]], args: argparse.Namespace, out: Path) -> None:
+def write_markdown(results: list[dict[str, Any]], skipped: list[tuple[str, Optional[int]]], args: argparse.Namespace,
+                   out: Path, in_scope: Optional[int] = None) -> None:
     import torch
     import torchvision
 
@@ -270,7 +272,9 @@ def write_markdown(results: list[dict[str, Any]], skipped: list[tuple[str, Optio
         "",
         "## Summary",
         "",
-        f"- {len(results)} models swept, {len(skipped)} skipped (over {MAX_PARAMS / 1e6:.0f}M parameters).",
+        f"- {len(results)} models swept"
+        + (f" of {in_scope} in scope ({in_scope - len(results)} not run yet)" if in_scope and in_scope != len(results) else "")
+        + f", {len(skipped)} skipped (over {MAX_PARAMS / 1e6:.0f}M parameters).",
         f"- {len(ok)} compressed and packed; {len(all_ok)} exported to every format; "
         + ", ".join(f"{f}: {n}/{len(results)}" for f, n in fmt_ok.items()) + ".",
         f"- {len(failed)} failed before export: "
@@ -320,6 +324,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="one JSON result per model")
     ap.add_argument("--resume", action="store_true", help="reuse finished results from --cache")
+    ap.add_argument("--report-only", action="store_true", help="only rewrite --out from the results in --cache")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -330,33 +335,47 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     import torchvision
 
-    names = torchvision.models.list_models(module=torchvision.models)
+    all_names = torchvision.models.list_models(module=torchvision.models)
+    names = all_names
     if args.models:
         wanted = [m.strip() for m in args.models.split(",") if m.strip()]
-        unknown = sorted(set(wanted) - set(names))
+        unknown = sorted(set(wanted) - set(all_names))
         if unknown:
             ap.error(f"unknown models {unknown}")
         names = wanted
-    sized = sorted(((n, _num_params(n)) for n in names), key=lambda t: (t[1] or 0, t[0]))
-    todo = [(n, p) for n, p in sized if p is not None and p <= args.max_params]
+    sized = sorted(((n, _num_params(n)) for n in all_names), key=lambda t: (t[1] or 0, t[0]))
+    in_scope = [(n, p) for n, p in sized if p is not None and p <= args.max_params]
     skipped = [(n, p) for n, p in sized if p is None or p > args.max_params]
+    todo = [(n, p) for n, p in in_scope if n in names] if not args.report_only else []
     args.cache.mkdir(parents=True, exist_ok=True)
-    results = []
-    for i, (name, params) in enumerate(todo, 1):
+
+    def finished(name: str) -> dict[str, Any] | None:
         cached = args.cache / f"{name}.json"
-        if args.resume and cached.exists():
+        if cached.exists():
             res = json.loads(cached.read_text())
             if res.get("status") in ("ok", "failed") and "wall_s" in res:
-                results.append(res)
-                continue
+                return res
+        return None
+
+    def collect() -> list[dict[str, Any]]:
+        """Every finished result in scope (the table always covers the whole zoo run so far)."""
+        out = []
+        for name, params in in_scope:
+            res = finished(name)
+            if res is not None:
+                res.setdefault("params", params)
+                out.append(res)
+        return out
+
+    for i, (name, params) in enumerate(todo, 1):
+        if args.resume and finished(name) is not None:
+            continue
         print(f"[{i}/{len(todo)}] {name} ({(params or 0) / 1e6:.1f}M) ...", flush=True)
         res = _run_child(name, args, args.cache)
-        res.setdefault("params", params)
-        results.append(res)
         print(f"    {res.get('status')} in {res.get('wall_s')} s; pairs {res.get('pairs_found')}; "
               f"formats {res.get('formats')}; {res.get('error', '')}", flush=True)
-        write_markdown(results, skipped, args, args.out)
-    write_markdown(results, skipped, args, args.out)
+        write_markdown(collect(), skipped, args, args.out, len(in_scope))
+    write_markdown(collect(), skipped, args, args.out, len(in_scope))
     print(f"wrote {args.out}")
     return 0
 

@@ -262,3 +262,23 @@ def test_save_refuses_off_grid_model(tmp_path):
         qmodel.get_submodule("fc1").weight.mul_(1.001)
     with pytest.raises(dfmpc_fx.SerializationError, match="fc1"):
         dfmpc_fx.save(qmodel, tmp_path / "m.dfmpc")
+
+
+def test_float64_model_packs_exactly():
+    model, x = _model_and_input("2d")
+    model = model.double()
+    qmodel = dfmpc_fx.compress(model)
+    packed = pack_model(qmodel)
+    assert packed.get_submodule("c3").weight_scale.dtype == torch.float64
+    with torch.no_grad():
+        assert torch.equal(packed(x.double()), qmodel(x.double()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_packed_model_on_cuda():
+    model, x = _model_and_input("2d")
+    qmodel = dfmpc_fx.compress(model)
+    packed = pack_model(qmodel).cuda()
+    with torch.no_grad():
+        assert torch.equal(packed(x.cuda()).cpu(), qmodel.cuda()(x.cuda()).cpu())
+    assert torch.equal(pack_model(qmodel.cuda()).get_submodule("c3").packed.cpu(), packed.get_submodule("c3").packed.cpu())
