@@ -296,13 +296,16 @@ def predicted_variance_ratio(
         out = alpha * weighted_channel_inner(w, w, in_var, groups)
         return out + beta * summed_kernel_variance(w, in_var, groups) if beta else out
 
-    ref = model(reference)
-    hat = model(quantized)
-    ok = ref > torch.finfo(ref.dtype).tiny * 1e6
-    return torch.where(ok, hat / torch.where(ok, ref, torch.ones_like(ref)), torch.ones_like(ref))
+    return variance_ratio(model(quantized), model(reference))
 
 
-__all__ += ["summed_kernel_variance", "fit_input_correlation", "predicted_variance_ratio"]
+def variance_ratio(var_hat: torch.Tensor, var_ref: torch.Tensor) -> torch.Tensor:
+    """``var_hat / var_ref``, 1 where the reference has no variance."""
+    ok = var_ref > torch.finfo(var_ref.dtype).tiny * 1e6
+    return torch.where(ok, var_hat / torch.where(ok, var_ref, torch.ones_like(var_ref)), torch.ones_like(var_ref))
+
+
+__all__ += ["summed_kernel_variance", "fit_input_correlation", "predicted_variance_ratio", "variance_ratio"]
 
 
 def variance_restoring_coefficients(ratio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,3 +322,42 @@ def mean_preserving_shift(mean: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 
 __all__ += ["variance_restoring_coefficients", "mean_preserving_shift"]
+
+
+@dataclass
+class KernelStats:
+    """Per (output, input) channel reductions of a weight over its kernel positions.
+
+    Every moment-based quantity of a layer is a channel-weighted sum of these, so computing them
+    once per weight tensor replaces several full passes over it.
+    """
+
+    summed: torch.Tensor  # (C_out, ipg): sum_s W_jks
+    sq_norm: torch.Tensor  # (C_out, ipg): sum_s W_jks^2
+    groups: int
+
+    def apply(self, per_slot: torch.Tensor, in_weight: torch.Tensor) -> torch.Tensor:
+        c_out, ipg = per_slot.shape
+        if self.groups == 1:
+            return per_slot @ in_weight.to(per_slot.dtype)
+        return (per_slot * _grouped_in_weight(in_weight.to(per_slot.dtype), c_out, ipg, self.groups)).sum(dim=1)
+
+    def expected_output(self, in_mean: torch.Tensor) -> torch.Tensor:
+        return self.apply(self.summed, in_mean)
+
+    def independent_variance(self, in_var: torch.Tensor) -> torch.Tensor:
+        return self.apply(self.sq_norm, in_var)
+
+    def correlated_variance(self, in_var: torch.Tensor) -> torch.Tensor:
+        return self.apply(self.summed * self.summed, in_var)
+
+
+def kernel_stats(weight: torch.Tensor, groups: int = 1) -> KernelStats:
+    c_out, ipg = weight.shape[0], weight.shape[1]
+    if weight.dim() == 2:
+        return KernelStats(weight, weight * weight, groups)
+    flat = weight.reshape(c_out, ipg, -1)
+    return KernelStats(flat.sum(dim=2), torch.linalg.vecdot(flat, flat, dim=2), groups)
+
+
+__all__ += ["KernelStats", "kernel_stats"]

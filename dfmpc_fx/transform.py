@@ -218,8 +218,11 @@ def _quantize_layers(
         mu = bn.running_mean.detach().to(dtype).clone() if bn is not None else None
         new_bias = bias
 
+        stats_ref = stats_q = None
+        if cfg.compensate and use_moments and in_m is not None:
+            stats_ref, stats_q = cmath.kernel_stats(ref, groups), cmath.kernel_stats(q, groups)
         if cfg.compensate and use_moments and cfg.mean_correction and in_m is not None:
-            delta = cmath.mean_correction(q, ref, in_m.mean, groups)
+            delta = stats_q.expected_output(in_m.mean) - stats_ref.expected_output(in_m.mean)
             rep.mean_shift = float(delta.abs().mean())
             if bn is not None:
                 bn.running_mean.copy_((mu + delta).to(bn.running_mean.dtype))
@@ -230,14 +233,14 @@ def _quantize_layers(
                             and in_m is not None)
         ratio = None
         if restore_variance:
-            ratio = _variance_ratio(q, ref, bn, in_m, groups)
+            ratio = _variance_ratio(stats_q, stats_ref, bn, in_m)
         if cfg.compensate and pair is not None:
             if ratio is not None:
                 # Restore each channel's variance around its (corrected) mean, as re-estimating
                 # BatchNorm on data would: c scales the pre-activation, folded into the partner;
                 # the shift keeps the mean where mean correction put it.
                 c, degenerate = cmath.variance_restoring_coefficients(ratio)
-                mean_ref = _expected_preactivation(ref, bias, bn, mu, in_m, groups)
+                mean_ref = _expected_preactivation(stats_ref, bias, bn, mu, in_m)
                 shift = cmath.mean_preserving_shift(mean_ref, c)
                 if bn is not None and bn.bias is not None:
                     bn.bias.data.copy_((bn.bias.detach().to(dtype) + shift).to(bn.bias.dtype))
@@ -265,31 +268,34 @@ def _quantize_layers(
 
 
 def _variance_ratio(
-    q: torch.Tensor, ref: torch.Tensor, bn: Optional[nn.Module], in_m: ChannelMoments, groups: int
+    stats_q: cmath.KernelStats, stats_ref: cmath.KernelStats, bn: Optional[nn.Module], in_m: ChannelMoments
 ) -> torch.Tensor:
     """Predicted Var(Q x) / Var(W x) per channel, with the input-correlation model calibrated on
     the variances the following BatchNorm recorded (independent inputs without BatchNorm)."""
-    alpha, beta = 1.0, 0.0
+    a_ref = stats_ref.independent_variance(in_m.var)
+    alpha, beta, b_ref = 1.0, 0.0, None
     if bn is not None and bn.running_var is not None:
-        alpha, beta = cmath.fit_input_correlation(
-            bn.running_var.detach().to(ref.dtype),
-            cmath.weighted_channel_inner(ref, ref, in_m.var, groups),
-            cmath.summed_kernel_variance(ref, in_m.var, groups),
-        )
-    return cmath.predicted_variance_ratio(q, ref, in_m.var, groups, alpha, beta)
+        b_ref = stats_ref.correlated_variance(in_m.var)
+        alpha, beta = cmath.fit_input_correlation(bn.running_var.detach().to(a_ref.dtype), a_ref, b_ref)
+    ref = alpha * a_ref
+    hat = alpha * stats_q.independent_variance(in_m.var)
+    if beta and b_ref is not None:
+        ref = ref + beta * b_ref
+        hat = hat + beta * stats_q.correlated_variance(in_m.var)
+    return cmath.variance_ratio(hat, ref)
 
 
 def _expected_preactivation(
-    ref: torch.Tensor, bias: Optional[torch.Tensor], bn: Optional[nn.Module], mu: Optional[torch.Tensor],
-    in_m: ChannelMoments, groups: int,
+    stats_ref: cmath.KernelStats, bias: Optional[torch.Tensor], bn: Optional[nn.Module],
+    mu: Optional[torch.Tensor], in_m: ChannelMoments,
 ) -> torch.Tensor:
     """E[a]: the float layer's expected output after its BatchNorm (or bias)."""
-    z = cmath.expected_output(ref, in_m.mean, groups)
+    z = stats_ref.expected_output(in_m.mean)
     if bias is not None:
         z = z + bias
     if bn is None:
         return z
-    dtype = ref.dtype
+    dtype = z.dtype
     gamma = bn.weight.detach().to(dtype) if bn.weight is not None else torch.ones_like(z)
     beta = bn.bias.detach().to(dtype) if bn.bias is not None else torch.zeros_like(z)
     return gamma / torch.sqrt(bn.running_var.detach().to(dtype) + bn.eps) * (z - mu) + beta

@@ -1,0 +1,90 @@
+"""Compress-time and forward-time ratios for torchvision resnet50, measured side by side.
+
+    python benchmarks/bench_compress.py [--model resnet50] [--repeats 5] [--batch 32]
+
+Prints (1) compress time as a ratio to plain per-channel rounding of all weights (target <= 5x)
+and (2) the compressed model's forward time as a ratio to the float model (target <= 1.10).
+Both sides of each ratio are measured alternately in the same process and the medians are
+compared, so machine noise affects both alike; absolute times are printed for reference only.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+import torchvision
+
+import dfmpc_fx
+
+
+def plain_per_channel_rounding(model: torch.nn.Module, bits: int = 8) -> dict[str, torch.Tensor]:
+    """The cheapest possible weight quantizer: max-abs per output channel, round, dequantize."""
+    qmax = 2 ** (bits - 1) - 1
+    out = {}
+    for name, p in model.named_parameters():
+        if p.dim() < 2:
+            continue
+        w = p.detach()
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        scale = (w.reshape(w.shape[0], -1).abs().amax(dim=1) / qmax).clamp_min(1e-12).view(shape)
+        out[name] = torch.clamp(torch.round(w / scale), -qmax, qmax) * scale
+    return out
+
+
+def _time(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", type=int, default=224)
+    args = parser.parse_args(argv)
+    warnings.simplefilter("ignore")
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(args.model, weights=None).eval()
+    cfg = dfmpc_fx.DFMPCConfig(low_bits=2, high_bits=6)
+    dfmpc_fx.compress(model, cfg)  # warm-up (imports, allocator)
+    plain_per_channel_rounding(model)
+
+    plain_t, comp_t = [], []
+    for _ in range(args.repeats):
+        plain_t.append(_time(plain_per_channel_rounding, model))
+        comp_t.append(_time(dfmpc_fx.compress, model, cfg))
+    qmodel = dfmpc_fx.compress(model, cfg)
+
+    x = torch.randn(args.batch, 3, args.size, args.size)
+    float_t, quant_t = [], []
+    with torch.inference_mode():
+        model(x), qmodel(x)  # warm-up
+        for i in range(args.repeats):
+            pair = [(model, float_t), (qmodel, quant_t)]
+            for m, sink in (pair if i % 2 == 0 else pair[::-1]):
+                sink.append(_time(m, x))
+
+    med = statistics.median
+    res = {
+        "plain_rounding_s": med(plain_t),
+        "compress_s": med(comp_t),
+        "compress_ratio": med(comp_t) / med(plain_t),
+        "float_forward_s": med(float_t),
+        "compressed_forward_s": med(quant_t),
+        "forward_ratio": med(quant_t) / med(float_t),
+    }
+    print(f"model {args.model}, {torch.get_num_threads()} threads, {args.repeats} alternating repeats, medians")
+    print(f"compress: {res['compress_s']:.3f} s vs plain per-channel rounding {res['plain_rounding_s']:.3f} s "
+          f"-> ratio {res['compress_ratio']:.2f}x (target <= 5x)")
+    print(f"forward batch {args.batch}: compressed {res['compressed_forward_s']:.3f} s vs float "
+          f"{res['float_forward_s']:.3f} s -> ratio {res['forward_ratio']:.3f} (target <= 1.10)")
+    return res
+
+
+if __name__ == "__main__":
+    main()
