@@ -315,3 +315,21 @@ def test_export_detects_a_mismatch(small_net: nn.Module, tmp_path: Path) -> None
     q = dfmpc_fx.compress(small_net)
     with pytest.raises(dfmpc_fx.ExportError, match="differs"):
         dfmpc_fx.export_torchscript(q, tmp_path / "m.ts", torch.randn(2, 1, 28, 28), atol=-1.0)
+
+
+@torch.no_grad()
+def test_negative_gamma_and_layers_without_batchnorm(small_net: nn.Module) -> None:
+    """Guards from method.md: negative BatchNorm gamma is harmless, c stays >= 0, and layers
+    without BatchNorm (conv4, fc1) are corrected through their bias."""
+    small_net.bn2.weight[:4] *= -1
+    x = torch.randn(4, 1, 28, 28)
+    q16 = dfmpc_fx.compress(small_net, DFMPCConfig(**HIGH))
+    assert float((q16(x) - small_net(x)).norm() / small_net(x).norm()) < 1e-4
+    for rule in ("batchnorm", "least_squares", "variance"):
+        q = dfmpc_fx.compress(small_net, DFMPCConfig(scale_rule=rule))
+        report = dfmpc_fx.get_report(q)
+        assert all(l.coeff_min is None or l.coeff_min >= 0 for l in report.layers)
+        assert torch.isfinite(q(x)).all()
+    q = dfmpc_fx.compress(small_net)
+    assert q.get_submodule("conv4").bias is not None  # mean correction created a bias
+    assert small_net.conv4.bias is None
