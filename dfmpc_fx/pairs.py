@@ -253,7 +253,7 @@ def _walk(
             continue
         if mod is not None and isinstance(mod, WEIGHTED_MODULES):
             return _close_pair(name, src_mod, out_channels, user, mod, bn, via, activation, flattened, call_counts, modules)
-        if _is_homogeneous(user, mod):
+        if _matches(user, mod, HOMOGENEOUS):
             if not _first_arg_is(user, cur):
                 return Refusal(name, UNKNOWN_OP, f"{_describe(user, modules)} uses the tensor as a non-input argument", user.name)
             tag = _activation_tag(user, mod)
@@ -265,14 +265,14 @@ def _walk(
             via.append(_describe(user, modules))
             cur = user
             continue
-        if _is_flatten(user, mod):
+        if _matches(user, mod, FLATTEN):
             if _flatten_start_dim(user, mod) is None or not _first_arg_is(user, cur):
                 return Refusal(name, CHANNEL_MAPPING, f"{_describe(user, modules)} does not flatten (N, C, ...) to (N, C*F) in channel order", user.name)
             flattened = True
             via.append(_describe(user, modules))
             cur = user
             continue
-        if _is_scale_varying(user, mod):
+        if _matches(user, mod, SCALE_VARYING_OPS):
             return Refusal(name, SCALE_VARYING, f"{_describe(user, modules)} is not positively homogeneous: c*f(z) != f(c*z)", user.name)
         residual = _residual_kind(user)
         if residual:
@@ -324,34 +324,21 @@ def _first_arg_is(node: Node, value: Any) -> bool:
     return all(not (isinstance(a, Node) and a is value) for a in list(node.args[1:]) + list(node.kwargs.values()))
 
 
-def _is_homogeneous(node: Node, mod: Optional[nn.Module]) -> bool:
+def _matches(node: Node, mod: Optional[nn.Module], table: tuple[tuple[type, ...], frozenset[Any], frozenset[str]]) -> bool:
+    """Is the node in a pattern table of (module types, functions, method names)?"""
+    module_types, functions, methods = table
     if mod is not None:
-        return isinstance(mod, HOMOGENEOUS_MODULES)
+        return isinstance(mod, module_types)
     if node.op == "call_function":
-        return node.target in HOMOGENEOUS_FUNCTIONS
+        return node.target in functions
     if node.op == "call_method":
-        return node.target in HOMOGENEOUS_METHODS
+        return node.target in methods
     return False
 
 
-def _is_flatten(node: Node, mod: Optional[nn.Module]) -> bool:
-    if mod is not None:
-        return isinstance(mod, FLATTEN_MODULES)
-    if node.op == "call_function":
-        return node.target in FLATTEN_FUNCTIONS
-    if node.op == "call_method":
-        return node.target in FLATTEN_METHODS
-    return False
-
-
-def _is_scale_varying(node: Node, mod: Optional[nn.Module]) -> bool:
-    if mod is not None:
-        return isinstance(mod, SCALE_VARYING_MODULES)
-    if node.op == "call_function":
-        return node.target in SCALE_VARYING_FUNCTIONS
-    if node.op == "call_method":
-        return node.target in SCALE_VARYING_METHODS
-    return False
+HOMOGENEOUS = (HOMOGENEOUS_MODULES, HOMOGENEOUS_FUNCTIONS, HOMOGENEOUS_METHODS)
+FLATTEN = (FLATTEN_MODULES, FLATTEN_FUNCTIONS, FLATTEN_METHODS)
+SCALE_VARYING_OPS = (SCALE_VARYING_MODULES, SCALE_VARYING_FUNCTIONS, SCALE_VARYING_METHODS)
 
 
 def _residual_kind(node: Node) -> Optional[str]:
