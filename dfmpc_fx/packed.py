@@ -200,6 +200,20 @@ class _PackedBase(nn.Module):
         else:
             self.register_parameter("bias", None)
 
+    @torch.jit.unused
+    def __getstate__(self):
+        # pickle the set of non-persistent buffer names as a sorted list: a set pickles in string
+        # hash order, which changes between processes, and dfmpc_fx.save promises the same bytes
+        state = super().__getstate__()
+        state["_non_persistent_buffers_set"] = sorted(state.get("_non_persistent_buffers_set", ()))
+        return state
+
+    @torch.jit.unused
+    def __setstate__(self, state):
+        state = dict(state)
+        state["_non_persistent_buffers_set"] = set(state.get("_non_persistent_buffers_set", ()))
+        super().__setstate__(state)
+
     def dequantize_weight(self) -> Tensor:
         """The float weight, bit-identical to the fake-quant layer's."""
         codes = _unpack(self.packed, self.plane_nbytes, self.plane_fields, self.plane_mask, self.plane_factor,
@@ -221,6 +235,8 @@ class _PackedBase(nn.Module):
 
 
 class _PackedConvNd(_PackedBase):
+    _reversed_padding_repeated_twice: List[int]
+
     def _init_conv(self, layer: nn.Module) -> None:
         self.in_channels = int(layer.in_channels)
         self.out_channels = int(layer.out_channels)
@@ -230,7 +246,7 @@ class _PackedConvNd(_PackedBase):
         self.dilation = tuple(layer.dilation)
         self.groups = int(layer.groups)
         self.padding_mode = str(layer.padding_mode)
-        self._reversed_padding_repeated_twice: List[int] = [int(p) for p in layer._reversed_padding_repeated_twice]
+        self._reversed_padding_repeated_twice = [int(p) for p in layer._reversed_padding_repeated_twice]
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
