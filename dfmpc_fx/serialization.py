@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from .errors import DFMPCError
-from .export import ARTIFACTS_KEY, make_zip_deterministic
+from .export import make_zip_deterministic
 from .packed import PackError, is_packed, pack_model, unpack_model
 from .report import REPORT_KEY
 
@@ -68,11 +68,14 @@ def save(qmodel: nn.Module, path: PathLike) -> Path:
         raise TypeError(f"save expects an nn.Module, got {type(qmodel).__name__}")
     was_packed = is_packed(qmodel)
     try:
-        stored = qmodel if was_packed else pack_model(qmodel)
+        stored = pack_model(qmodel)  # a copy (also of an already packed model): its meta is ours to clear
     except PackError as exc:
         raise SerializationError(f"cannot store the model packed: {exc}") from exc
+    if isinstance(getattr(stored, "meta", None), dict):
+        stored.meta = {}  # unpickling a GraphModule drops meta anyway; the report travels in the payload
     meta = getattr(qmodel, "meta", None)
-    kept = {k: meta[k] for k in (REPORT_KEY, ARTIFACTS_KEY) if isinstance(meta, dict) and k in meta}
+    # the report travels; the record of earlier exports (local paths) does not
+    kept = {k: meta[k] for k in (REPORT_KEY,) if isinstance(meta, dict) and k in meta}
     payload: dict[str, Any] = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
