@@ -26,7 +26,6 @@ artifact, not accuracy.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import statistics

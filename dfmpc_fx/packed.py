@@ -3,9 +3,11 @@
 A ``Quant*`` layer holds a dequantized float weight (it only simulates compression). Its
 ``Packed*`` counterpart holds the same weight as unsigned integer codes bit-packed into a
 ``uint8`` buffer, plus the per-channel (or per-tensor) scales and zero points, and dequantizes
-inside ``forward``. Nothing is cached: the module's state is exactly the packed bytes, so a
-TorchScript, ``torch.export`` or ONNX file of a packed model is about
-``bits x weights / 8`` bytes per layer.
+inside ``forward``. Nothing is cached: the module's state is the packed bytes plus a few bytes
+of bit masks and power-of-two factors (non-persistent buffers derived from the bit width), so a
+TorchScript, ``torch.export`` or ONNX file of a packed model is about ``bits x weights / 8``
+bytes per layer. Unpacking on every call costs a few elementwise passes over the weights, which
+is small next to the convolutions at useful batch sizes (see ``benchmarks/bench_artifact.py``).
 
 Storage layout (dense for every bit width 1..16)
 ------------------------------------------------
@@ -37,7 +39,7 @@ from torch import Tensor, nn
 from torch.fx import GraphModule
 
 from .errors import DFMPCError
-from .modules import QUANT_MODULES, QuantConv1d, QuantConv2d, QuantLinear
+from .modules import QuantConv1d, QuantConv2d, QuantLinear
 
 __all__ = [
     "PackedConv1d",

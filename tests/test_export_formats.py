@@ -1,7 +1,6 @@
 """torch.export and ONNX exports (fake-quant and packed), artifact sizes, errors, determinism."""
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 import textwrap
