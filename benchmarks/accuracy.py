@@ -382,6 +382,14 @@ def summarize_model(name: str, mres: dict[str, Any]) -> list[str]:
     """Plain-language checks of what the issue asks the table to show (computed, not written)."""
     fp = mres["rows"][0]["acc"]
     out = [f"What the {name} rows show:", ""]
+    d26 = _get(mres, "dfmpc@MP2/6")
+    if d26 is not None and d26.get("num_pairs") == 0:
+        out.append(f"- **{name} has no compensable pair** (see `find_compensable_pairs`: e.g. ReLU6 is "
+                   "scale-varying and refused, residual adds are never compensated), so every MP row "
+                   "quantizes every layer at 8 bits (`default_bits`), no layer gets low bits, and the "
+                   "MP rows compare 8-bit quantizers only, not compensation. The paper's rows lose "
+                   "because its per-layer DoReFa quantizer is poor even at 8 bits on depthwise "
+                   "convolutions (one scale for channels with very different ranges).")
     for setting in SETTINGS:
         plain, pplain, paper, d, ref = (_get(mres, f"{k}@{setting}") for k in
                                         ("plain", "paper_plain", "paper", "dfmpc", "bn_ref"))
