@@ -70,3 +70,44 @@ def test_pairs_compress_and_torchscript_round_trip(name: str, tmp_path: Path) ->
     loaded = torch.jit.load(str(path))
     with torch.no_grad():
         assert float((loaded(x) - out).abs().max()) < 1e-5
+
+
+def fold_random_scales(model: torch.nn.Module, search: dfmpc_fx.PairSearch, seed: int = 0) -> None:
+    """For every pair: scale the first layer's output channels by random c > 0 (through its
+    BatchNorm, or its weights and bias) and the second layer's input channels by 1/c. This is
+    function-preserving exactly when the pair is real, whatever c is."""
+    from dfmpc_fx.compensation import fold_input_scale
+
+    g = torch.Generator().manual_seed(seed)
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for p in search.pairs:
+            first, second = modules[p.first], modules[p.second]
+            n = first.weight.shape[0]
+            c = torch.rand(n, generator=g, dtype=first.weight.dtype) * 1.5 + 0.25
+            if p.bn is not None:
+                bn = modules[p.bn]
+                bn.weight.mul_(c)
+                bn.bias.mul_(c)
+            else:
+                first.weight.mul_(c.view((-1,) + (1,) * (first.weight.dim() - 1)))
+                if first.bias is not None:
+                    first.bias.mul_(c)
+            second.weight.copy_(fold_input_scale(second.weight, 1 / c, getattr(second, "groups", 1), p.features_per_channel))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "vgg11_bn", "densenet121", "regnet_y_400mf", "mobilenet_v2",
+                                  "efficientnet_b0", "shufflenet_v2_x0_5", "mnasnet0_5", "squeezenet1_1"])
+def test_every_pair_found_is_scale_equivalent(name: str) -> None:
+    """The strongest check of pair discovery: random per-channel rescaling across each pair
+    leaves the network's function unchanged (float64, random BatchNorm statistics)."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm(torchvision.models.get_model(name, weights=None).eval()).double()
+    search = dfmpc_fx.find_compensable_pairs(model)
+    assert search.pairs
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        ref = model(x)
+        fold_random_scales(model, search)
+        out = model(x)
+    assert float((out - ref).norm() / ref.norm()) < 1e-9
