@@ -362,7 +362,11 @@ NOTES = [
     "peers recover part of the collapse, still far from the default. Neither corrects the "
     "BatchNorm statistics shift. Equalization was designed for per-tensor quantizers. Their "
     "sizes are a little smaller because the peers fold BatchNorm into the convolutions (fewer "
-    "float parameters stored).",
+    "float parameters stored). Brevitas's `preprocess_for_quantize` also rewrites ReLU6 into "
+    "ReLU by default (`relu6_to_relu=True`), which changes the float function; on "
+    "MobileNetV2 that creates compensable pairs, so its rows there get 2- or 3-bit layers the "
+    "other rows do not have (hence their smaller size): not the identical bit assignment, and "
+    "its MP2/6 collapse there is plain low-bit quantization of layers the others keep at 8 bits.",
     "- **Uniform per-channel W4** on every layer (first and last included) is close to FP32 on "
     "these small Fashion-MNIST networks and is smaller than MP2/6 here, because MP keeps the "
     "first/last layers and layers in no pair at 8 bits. MP2/6's size advantage appears only "
