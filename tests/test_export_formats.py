@@ -142,9 +142,25 @@ def test_export_errors_are_clear(tmp_path):
 def test_export_mismatch_is_an_error(tmp_path, qmodel_and_input):
     qmodel, x = qmodel_and_input
     with pytest.raises(dfmpc_fx.ExportError, match="differs from the model"):
-        dfmpc_fx.export_program(qmodel, x, atol=-1.0)
+        dfmpc_fx.export_program(qmodel, x, atol=-1.0, rtol=0.0)
     with pytest.raises(dfmpc_fx.ExportError, match="differs from the model"):
-        dfmpc_fx.export_torchscript(qmodel, tmp_path / "m.ts", x, atol=-1.0, packed=True)
+        dfmpc_fx.export_torchscript(qmodel, tmp_path / "m.ts", x, atol=-1.0, rtol=0.0, packed=True)
+
+
+def test_tolerance_scales_with_output_magnitude():
+    """Outputs of 1e12 (random weights blowing up) differ by ~1e6 between float32 kernels."""
+    from dfmpc_fx.export import _check_match
+
+    ref = torch.tensor([1.9e12, -3.0e11, 5.0], dtype=torch.float64)
+    got = ref + torch.tensor([2.0e6, 0.0, 0.0], dtype=torch.float64)
+    assert _check_match(ref, got, 1e-4, "ONNX", rtol=1e-5) == pytest.approx(2.0e6, rel=1e-3)
+    with pytest.raises(dfmpc_fx.ExportError, match=r"differs from the model by 2e\+06"):
+        _check_match(ref, got, 1e-4, "ONNX", rtol=0.0)
+    with pytest.raises(dfmpc_fx.ExportError, match="NaN/Inf"):
+        _check_match(torch.tensor([1.0, float("nan")]), torch.tensor([1.0, 2.0]), 1e-4, "ONNX")
+    with pytest.raises(dfmpc_fx.ExportError, match="shape"):
+        _check_match(torch.zeros(2, 3), torch.zeros(3, 2), 1e-4, "ONNX")
+    assert _check_match((torch.ones(2), {"a": torch.zeros(1)}), [torch.ones(2), torch.zeros(1)], 0.0, "x") == 0.0
 
 
 def test_export_refuses_off_grid_weights(tmp_path):
