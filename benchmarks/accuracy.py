@@ -351,7 +351,8 @@ NOTES = [
     "float output). The next BatchNorm divides by the float model's variance, so the attenuation "
     "propagates; at 2 bits, where the shrinkage is largest, it loses to `variance` and to the "
     "default `batchnorm` rule, which restore the variance (the latter around the corrected mean, "
-    "with an input-correlation model calibrated on the recorded BatchNorm variances).",
+    "with the part of each quantized filter along the float filter scaling the recorded BatchNorm "
+    "variance and the rounding remainder seeing only per-channel input variances).",
     "- **Peers (AIMET cross-layer equalization, Brevitas graph equalization)** rescale output "
     "channels of a layer and the matching input channels of the next. With per-channel "
     "quantizers (used by every row here) a layer's quantization error is invariant to a scale of "

@@ -261,26 +261,33 @@ def fit_input_correlation(
     """
     y = recorded_var.to(torch.float64)
     keep = y > 0
-    if int(keep.sum()) == 0:
+    n = int(keep.sum())
+    if n == 0:
         return 1.0, 0.0
     scale = y[keep]
     a = independent.to(torch.float64)[keep] / scale
     b = correlated.to(torch.float64)[keep] / scale
-    one = torch.ones_like(a)
+    # The five inner products define the whole 2x2 problem; solving it in Python floats avoids
+    # a dozen tiny tensor ops per layer (this runs once for every quantized layer).
+    aa, ab, bb, a1, b1 = torch.stack([a @ a, a @ b, b @ b, a.sum(), b.sum()]).tolist()
+
+    def loss(alpha: float, beta: float) -> float:  # ||alpha a + beta b - 1||^2
+        return (alpha * alpha * aa + 2 * alpha * beta * ab + beta * beta * bb
+                - 2 * alpha * a1 - 2 * beta * b1 + n)
+
     candidates: list[tuple[float, float]] = []
-    gram = torch.tensor([[a @ a, a @ b], [a @ b, b @ b]], dtype=torch.float64)
-    rhs = torch.stack([a @ one, b @ one])
-    if float(torch.linalg.det(gram)) > 1e-12 * float(gram.diagonal().prod()):
-        sol = torch.linalg.solve(gram, rhs)
-        if bool((sol >= 0).all()):
-            candidates.append((float(sol[0]), float(sol[1])))
-    if float(a @ a) > 0:
-        candidates.append((float(a @ one / (a @ a)), 0.0))
-    if float(b @ b) > 0:
-        candidates.append((0.0, float(b @ one / (b @ b))))
+    det = aa * bb - ab * ab
+    if det > 1e-12 * aa * bb:
+        alpha, beta = (bb * a1 - ab * b1) / det, (aa * b1 - ab * a1) / det
+        if alpha >= 0 and beta >= 0:
+            candidates.append((alpha, beta))
+    if aa > 0:
+        candidates.append((a1 / aa, 0.0))
+    if bb > 0:
+        candidates.append((0.0, b1 / bb))
     if not candidates:
         return 1.0, 0.0
-    return min(candidates, key=lambda ab: float(((ab[0] * a + ab[1] * b - one) ** 2).sum()))
+    return min(candidates, key=lambda ab_: loss(*ab_))
 
 
 def predicted_variance_ratio(
@@ -357,7 +364,57 @@ def kernel_stats(weight: torch.Tensor, groups: int = 1) -> KernelStats:
     if weight.dim() == 2:
         return KernelStats(weight, weight * weight, groups)
     flat = weight.reshape(c_out, ipg, -1)
-    return KernelStats(flat.sum(dim=2), torch.linalg.vecdot(flat, flat, dim=2), groups)
+    if flat.shape[2] == 1:  # 1x1 kernels: one position, so both reductions are the weight itself
+        summed = flat[:, :, 0]
+        return KernelStats(summed, summed * summed, groups)
+    # einsum lowers to a batched matmul here, about twice as fast as vecdot or (w * w).sum(2).
+    return KernelStats(flat.sum(dim=2), torch.einsum("oik,oik->oi", flat, flat), groups)
 
 
 __all__ += ["KernelStats", "kernel_stats"]
+
+
+def kernel_cross(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``sum_s a_jks b_jks`` per (output, input) channel: the kernel-position inner products."""
+    c_out, ipg = a.shape[0], a.shape[1]
+    if a.dim() == 2 or a[0, 0].numel() == 1:  # linear or 1x1: one position per kernel
+        return (a * b).reshape(c_out, ipg)
+    return torch.einsum("oik,oik->oi", a.reshape(c_out, ipg, -1), b.reshape(c_out, ipg, -1))
+
+
+def quantized_variance_ratio(
+    stats_q: KernelStats,
+    stats_ref: KernelStats,
+    cross: torch.Tensor,
+    in_var: torch.Tensor,
+    recorded_var: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Predicted ``Var(Q x) / Var(W x)`` per output channel, without data.
+
+    Split each quantized filter into its projection on the float filter and a remainder,
+    ``Q = gamma W + N`` with ``gamma = <Q, W> / <W, W>``. Then
+    ``Var(Q x) = gamma^2 Var(W x) + Var(N x)`` (+ a cross term that vanishes for noise
+    uncorrelated with the input's structure):
+
+    - ``Var(W x)`` is the variance BatchNorm recorded on the training data
+      (``recorded_var``): it contains every spatial and cross-channel correlation the trained
+      filter exploits, which no diagonal model recovers.
+    - ``N`` is rounding noise; a direction that is random with respect to the input covariance
+      sees only its average, so ``Var(N x) = sum_k v_k sum_s N_jks^2`` (independent inputs).
+
+    Fitting one correlation model to the float filters and applying it to ``Q`` instead
+    over-predicts ``Var(Q x)`` (trained filters align with the input's high-variance
+    directions; rounding noise does not): by about 12% at 2 bits on ResNet-20, which cost 2-4
+    points of accuracy. ``cross`` is :func:`kernel_cross` of ``(Q, W)``; without
+    ``recorded_var`` the independent-input variance of ``W x`` stands in for it.
+    """
+    dtype = stats_ref.sq_norm.dtype
+    gamma = cross.sum(dim=1) / stats_ref.sq_norm.sum(dim=1).clamp_min(torch.finfo(dtype).tiny)
+    # sum_k v_k sum_s N_jks^2, expanded so that no (C_out, C_in) temporary is needed
+    noise_var = (stats_q.independent_variance(in_var) - 2.0 * gamma * stats_ref.apply(cross, in_var)
+                 + gamma * gamma * stats_ref.independent_variance(in_var)).clamp_min(0.0)
+    ref_var = recorded_var.to(dtype) if recorded_var is not None else stats_ref.independent_variance(in_var)
+    return variance_ratio(gamma * gamma * ref_var + noise_var, ref_var)
+
+
+__all__ += ["kernel_cross", "quantized_variance_ratio"]

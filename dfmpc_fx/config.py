@@ -35,9 +35,8 @@ class DFMPCConfig:
         mean_correction: shift BatchNorm means (or biases) by the expected output error of each
             quantized layer, from data-free input moments (``method="dfmpc"`` only).
         scale_rule: how ``method="dfmpc"`` picks c: ``batchnorm`` (default: restore each
-            channel's variance around its mean, predicted with an input-correlation model
-            calibrated on the recorded BatchNorm variances: a data-free BatchNorm
-            re-estimation), ``least_squares`` (the derived bound, method.md point 1) or
+            channel's variance around its mean, predicted from the recorded BatchNorm variance
+            and the rounding noise: a data-free BatchNorm re-estimation), ``least_squares`` (the derived bound, method.md point 1) or
             ``variance`` (restore each channel's second moment under independent inputs).
         input_mean, input_std: assumed per-element statistics of the model's input (normalised
             images: 0 and 1).

@@ -81,14 +81,14 @@ def quantize_uniform(
     For symmetric low bit widths the max-abs scale wastes most levels on outliers, so the scale
     starts from the MSE-optimal step for a Gaussian of the row's spread and is refined by
     alternating least squares (codes for a scale, then the scale that is optimal for those codes,
-    ``s = <w,q>/<q,q>``), which never increases the squared error. By default this runs 4
+    ``s = <w,q>/<q,q>``), which never increases the squared error. By default this runs 2
     iterations for <= 4 bits and none above (max-abs is near optimal there and the refinement
     would cost time on most of a model's weights).
     """
     _check_weight(w, bits)
     rows = _per_channel_view(w.detach(), per_channel)
     if refine_iters is None:
-        refine_iters = 4 if bits <= 4 else 0
+        refine_iters = 2 if bits <= 4 else 0
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
         if bits in _GAUSSIAN_STEP:
@@ -100,7 +100,8 @@ def quantize_uniform(
             else:
                 scale = rows.std(dim=1, correction=0) * _GAUSSIAN_STEP[bits]
         else:
-            scale = rows.abs().amax(dim=1) / qmax
+            lo, hi = torch.aminmax(rows, dim=1)  # max |w| in one pass, without an |w| copy
+            scale = torch.maximum(-lo, hi) / qmax
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         codes = torch.div(rows, scale[:, None]).round_().clamp_(-qmax, qmax)
         for _ in range(refine_iters):

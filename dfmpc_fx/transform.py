@@ -209,7 +209,6 @@ def _quantize_layers(
         qw = _quantize(ref, bits, cfg)
         q = qw.dequantize()
         rep.scheme = qw.scheme
-        rep.weight_rel_error = float((q - ref).norm() / ref.norm().clamp_min(1e-30))
         bn_name = None
         pair = plan.pair_from(name)
         if call_counts[name] == 1:
@@ -221,6 +220,10 @@ def _quantize_layers(
         stats_ref = stats_q = None
         if cfg.compensate and use_moments and in_m is not None:
             stats_ref, stats_q = cmath.kernel_stats(ref, groups), cmath.kernel_stats(q, groups)
+        # ||Q - W|| / ||W||: torch.dist fuses the difference into the reduction (no temporary);
+        # ||W||^2 is already in the kernel statistics when they were computed.
+        ref_sq = stats_ref.sq_norm.sum() if stats_ref is not None else ref.pow(2).sum()
+        rep.weight_rel_error = float(torch.dist(q, ref) / ref_sq.sqrt().clamp_min(1e-30))
         if cfg.compensate and use_moments and cfg.mean_correction and in_m is not None:
             delta = stats_q.expected_output(in_m.mean) - stats_ref.expected_output(in_m.mean)
             rep.mean_shift = float(delta.abs().mean())
@@ -233,7 +236,7 @@ def _quantize_layers(
                             and in_m is not None)
         ratio = None
         if restore_variance:
-            ratio = _variance_ratio(stats_q, stats_ref, bn, in_m)
+            ratio = _variance_ratio(q, ref, stats_q, stats_ref, bn, in_m)
         if cfg.compensate and pair is not None:
             if ratio is not None:
                 # Restore each channel's variance around its (corrected) mean, as re-estimating
@@ -268,21 +271,16 @@ def _quantize_layers(
 
 
 def _variance_ratio(
-    stats_q: cmath.KernelStats, stats_ref: cmath.KernelStats, bn: Optional[nn.Module], in_m: ChannelMoments
+    q: torch.Tensor, ref: torch.Tensor, stats_q: cmath.KernelStats, stats_ref: cmath.KernelStats,
+    bn: Optional[nn.Module], in_m: ChannelMoments,
 ) -> torch.Tensor:
-    """Predicted Var(Q x) / Var(W x) per channel, with the input-correlation model calibrated on
-    the variances the following BatchNorm recorded (independent inputs without BatchNorm)."""
-    a_ref = stats_ref.independent_variance(in_m.var)
-    alpha, beta, b_ref = 1.0, 0.0, None
+    """Predicted Var(Q x) / Var(W x) per channel: the part of Q along W scales the variance
+    BatchNorm recorded on the training data; the rest is treated as noise that sees only the
+    input's per-channel variances (see :func:`dfmpc_fx.compensation.quantized_variance_ratio`)."""
+    recorded = None
     if bn is not None and bn.running_var is not None:
-        b_ref = stats_ref.correlated_variance(in_m.var)
-        alpha, beta = cmath.fit_input_correlation(bn.running_var.detach().to(a_ref.dtype), a_ref, b_ref)
-    ref = alpha * a_ref
-    hat = alpha * stats_q.independent_variance(in_m.var)
-    if beta and b_ref is not None:
-        ref = ref + beta * b_ref
-        hat = hat + beta * stats_q.correlated_variance(in_m.var)
-    return cmath.variance_ratio(hat, ref)
+        recorded = bn.running_var.detach().to(stats_ref.sq_norm.dtype)
+    return cmath.quantized_variance_ratio(stats_q, stats_ref, cmath.kernel_cross(q, ref), in_m.var, recorded)
 
 
 def _expected_preactivation(

@@ -257,3 +257,29 @@ def test_variance_restoring_scale_keeps_the_mean() -> None:
     a = mean + torch.randn(1000, 3, dtype=torch.float64)
     shifted = c * (a + cm.mean_preserving_shift(mean, c))
     assert torch.allclose(shifted.mean(0) - mean, c * (a.mean(0) - mean), atol=1e-12)
+
+
+def test_quantized_variance_ratio_uses_recorded_variance_for_the_structured_part() -> None:
+    """Filters aligned with the input's high-variance directions (as trained filters are) plus
+    rounding-like noise: the split predictor matches the exact Var(Qx)/Var(Wx); a diagonal
+    model applied to Q and W alike over-predicts it (the bias the default used to have)."""
+    torch.manual_seed(3)
+    d, c_out, rank = 64, 512, 4
+    basis = torch.randn(d, rank, dtype=torch.float64)
+    cov = basis @ basis.T * 4.0 + torch.diag(torch.rand(d, dtype=torch.float64) + 0.5)
+    w = (torch.randn(c_out, rank, dtype=torch.float64) @ basis.T) / d**0.5 + 0.05 * torch.randn(c_out, d, dtype=torch.float64)
+    noise = torch.randn(c_out, d, dtype=torch.float64) * w.std(dim=1, keepdim=True) * 0.6
+    q = 0.8 * w + noise
+    exact = ((q @ cov) * q).sum(1) / ((w @ cov) * w).sum(1)
+    v = cov.diagonal()
+    recorded = ((w @ cov) * w).sum(1)
+    sq, sr = cm.kernel_stats(q), cm.kernel_stats(w)
+    new = cm.quantized_variance_ratio(sq, sr, cm.kernel_cross(q, w), v, recorded)
+    diagonal = cm.variance_ratio(sq.independent_variance(v), sr.independent_variance(v))
+    bias_new = float((new / exact).log().mean())
+    bias_diag = float((diagonal / exact).log().mean())
+    assert abs(bias_new) < 0.03, bias_new
+    assert bias_diag > 0.2, bias_diag
+    # 4-d conv weights: kernel_cross reduces over kernel positions only
+    w4 = torch.randn(8, 3, 3, 3, dtype=torch.float64)
+    assert torch.allclose(cm.kernel_cross(w4, 2 * w4), 2 * cm.kernel_stats(w4).sq_norm)
