@@ -140,8 +140,13 @@ class DFMPCCallback(Callback):
             torch.fx cannot trace as they are.
         example_input: input for the TorchScript export; default: the module's
             ``example_input_array`` or one sample of the validation/training data.
-        export_torchscript: write and log a TorchScript file of the compressed network.
+        export_torchscript: write and log a TorchScript file of the compressed network
+            (``False`` drops ``"torchscript"`` from ``export_formats``).
         torchscript_path: also copy that TorchScript file here (rank zero).
+        export_formats: the artifacts to write and log, any of ``"torchscript"`` (``model.ts``),
+            ``"program"`` (``torch.export``, ``model.pt2``) and ``"onnx"`` (``model.onnx``, needs
+            onnx/onnxscript/onnxruntime); each is reloaded and checked against the model.
+        packed_export: export with bit-packed low-bit weights (about the theoretical size).
         tracking: log to MLflow (``False``: only write the local folder).
         use_logger: reuse the run of the Trainer's ``MLFlowLogger`` when there is one.
         tracking_uri: MLflow store/server when no logger is reused; default
@@ -182,6 +187,8 @@ class DFMPCCallback(Callback):
         example_input: Any = None,
         export_torchscript: bool = True,
         torchscript_path: Optional[Union[str, os.PathLike]] = None,
+        export_formats: Sequence[str] = ("torchscript",),
+        packed_export: bool = False,
         tracking: bool = True,
         use_logger: bool = True,
         tracking_uri: Optional[str] = None,
@@ -242,6 +249,7 @@ class DFMPCCallback(Callback):
         for name, value in (
             ("evaluate", evaluate),
             ("export_torchscript", export_torchscript),
+            ("packed_export", packed_export),
             ("tracking", tracking),
             ("use_logger", use_logger),
             ("log_model", log_model),
@@ -259,7 +267,17 @@ class DFMPCCallback(Callback):
         self.concrete_args = dict(concrete_args) if concrete_args is not None else None
         self.leaf_modules = leaf_modules
         self.example_input = example_input
-        self.export_torchscript = export_torchscript
+        if isinstance(export_formats, str):
+            export_formats = (export_formats,)
+        formats = tuple(export_formats)
+        unknown = [f for f in formats if f not in _EXPORT_FILES]
+        if unknown:
+            raise ConfigError(f"export_formats must be among {tuple(_EXPORT_FILES)}, got {unknown}")
+        if not export_torchscript:
+            formats = tuple(f for f in formats if f != "torchscript")
+        self.export_formats = tuple(dict.fromkeys(formats))
+        self.packed_export = packed_export
+        self.export_torchscript = "torchscript" in self.export_formats
         self.torchscript_path = Path(torchscript_path) if torchscript_path is not None else None
         self.tracking = tracking
         self.use_logger = use_logger
@@ -588,7 +606,7 @@ class DFMPCCallback(Callback):
         bundle.save_state_dict("compressed_state_dict.pt", net)
         export_model = copy.deepcopy(self.qmodel).cpu().eval()
         bundle.model = export_model
-        if self.export_torchscript:
+        if self.export_formats:
             self._export(trainer, pl_module, bundle, export_model)
         bundle.flush()
 
@@ -670,16 +688,27 @@ class DFMPCCallback(Callback):
             return
         example_inputs = example if isinstance(example, tuple) else (example,)
         example_inputs = tuple(t.detach().cpu() if isinstance(t, torch.Tensor) else t for t in example_inputs)
-        path = bundle.file("model.ts")
-        try:
-            dfmpc_fx.export_torchscript(model, str(path), example_inputs=example_inputs)
-        except Exception as exc:  # noqa: BLE001 - an export failure must not lose the rest
-            bundle.write_text("model.ts_FAILED.txt", f"{exc.__class__.__name__}: {exc}\n")
-            rank_zero_warn(f"DFMPCCallback: TorchScript export failed ({exc}); the rest is still tracked")
-            return
-        if self.torchscript_path is not None:
-            self.torchscript_path.parent.mkdir(parents=True, exist_ok=True)
-            self.torchscript_path.write_bytes(path.read_bytes())
+        for fmt in self.export_formats:
+            path = bundle.file(_EXPORT_FILES[fmt])
+            try:
+                if fmt == "torchscript":
+                    dfmpc_fx.export_torchscript(model, str(path), example_inputs=example_inputs, packed=self.packed_export)
+                elif fmt == "program":
+                    dfmpc_fx.export_program(model, example_inputs, packed=self.packed_export, path=path)
+                else:
+                    dfmpc_fx.export_onnx(model, path, example_inputs, packed=self.packed_export)
+            except Exception as exc:  # noqa: BLE001 - an export failure must not lose the rest
+                if path.exists():
+                    path.unlink()
+                bundle.write_text(f"{_EXPORT_FILES[fmt]}_FAILED.txt", f"{exc.__class__.__name__}: {exc}\n")
+                rank_zero_warn(f"DFMPCCallback: {fmt} export failed ({exc}); the rest is still tracked")
+                continue
+            if fmt == "torchscript" and self.torchscript_path is not None:
+                self.torchscript_path.parent.mkdir(parents=True, exist_ok=True)
+                self.torchscript_path.write_bytes(path.read_bytes())
+
+
+_EXPORT_FILES = {"torchscript": "model.ts", "program": "model.pt2", "onnx": "model.onnx"}
 
 
 # ---------------------------------------------------------------------- checkpoints

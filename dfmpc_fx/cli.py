@@ -146,7 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_args(comp)
-    comp.add_argument("--out", metavar="FILE", required=True, help="where to write the TorchScript file (e.g. model.ts)")
+    comp.add_argument("--out", metavar="FILE", required=True,
+                      help="where to write the exported model (model.ts, model.pt2 or model.onnx)")
+    comp.add_argument("--format", choices=EXPORT_FORMATS, default=None,
+                      help="torchscript (torch.jit.load), program (torch.export .pt2) or onnx (onnxruntime); "
+                           "default: from the --out suffix (.pt2 -> program, .onnx -> onnx, else torchscript)")
+    comp.add_argument("--packed", action="store_true",
+                      help="store low-bit weights bit-packed (integer codes + scales, about the theoretical size)")
     comp.add_argument("--low-bits", type=_bits, default=2, metavar="N", help="bits of the first layer of each pair (2-4, default 2)")
     comp.add_argument("--high-bits", type=_bits, default=6, metavar="N", help="bits of the second layer of each pair (6-8, default 6)")
     comp.add_argument("--default-bits", type=_bits_or_none, default=8, metavar="N", help="bits of layers in no pair (default 8; 'none' keeps them float)")
@@ -449,22 +455,27 @@ def cmd_compress(args: argparse.Namespace, out: Any, err: Any) -> int:
         )
         report = dfmpc_fx.get_report(qmodel)
 
+        fmt = args.format or export_format_for(out_path)
+
         def export() -> float:
             try:
-                dfmpc_fx.export_torchscript(qmodel, str(out_path), example_inputs=(example,))
+                return export_artifact(qmodel, out_path, example, fmt, packed=args.packed)
+            except dfmpc_fx.ExportError as exc:
+                raise CLIError(
+                    f"the {fmt} export failed for input shape {tuple(shape)}: {str(exc).splitlines()[0]}",
+                    EXIT_MODEL,
+                    hint="check the input size (--input-shape N,C,H,W); for onnx: pip install onnx onnxscript onnxruntime",
+                ) from exc
             except (RuntimeError, TypeError, ValueError) as exc:
                 if isinstance(exc, dfmpc_fx.DFMPCError):
                     raise
                 raise CLIError(
-                    f"the TorchScript export failed for input shape {tuple(shape)}: {str(exc).splitlines()[0]}",
+                    f"the {fmt} export failed for input shape {tuple(shape)}: {str(exc).splitlines()[0]}",
                     EXIT_MODEL,
                     hint="give the right input size with --input-shape N,C,H,W",
                 ) from exc
-            loaded = torch.jit.load(str(out_path))
-            with torch.no_grad():
-                return float((loaded(example) - qmodel.eval()(example)).abs().max())
 
-        max_diff = steps.run(f"exporting TorchScript to {out_path}", export)
+        max_diff = steps.run(f"exporting {fmt}{' (packed)' if args.packed else ''} to {out_path}", export)
         if report_path:
             report_path.write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
         if md_path:
@@ -484,6 +495,32 @@ def cmd_compress(args: argparse.Namespace, out: Any, err: Any) -> int:
     return EXIT_OK
 
 
+EXPORT_FORMATS = ("torchscript", "program", "onnx")
+
+
+def export_format_for(path: Path) -> str:
+    """The export format a file name asks for: .pt2 -> program, .onnx -> onnx, else torchscript."""
+    return {".pt2": "program", ".onnx": "onnx"}.get(Path(path).suffix.lower(), "torchscript")
+
+
+def export_artifact(qmodel: Any, path: Path, example: Any, fmt: str, *, packed: bool = False) -> float:
+    """Write ``qmodel`` in ``fmt`` to ``path``; each exporter reloads the file (``torch.jit.load``,
+    ``torch.export.load``, onnxruntime) and raises ExportError if it does not match. Returns the
+    max abs difference the exporter measured."""
+    import dfmpc_fx
+
+    if fmt == "torchscript":
+        dfmpc_fx.export_torchscript(qmodel, str(path), example_inputs=(example,), packed=packed)
+    elif fmt == "program":
+        dfmpc_fx.export_program(qmodel, (example,), packed=packed, path=path)
+    elif fmt == "onnx":
+        dfmpc_fx.export_onnx(qmodel, path, (example,), packed=packed)
+    else:  # pragma: no cover - argparse restricts the choices
+        raise ValueError(f"unknown export format {fmt!r}")
+    record = (getattr(qmodel, "meta", {}) or {}).get("dfmpc_artifacts", {}).get(fmt, {})
+    return float(record.get("max_abs_diff", float("nan")))
+
+
 def _log_mlflow(args: argparse.Namespace, uri: str, report: Any, qmodel: Any, ts_path: Path) -> dict[str, Any]:
     import shutil
 
@@ -493,7 +530,7 @@ def _log_mlflow(args: argparse.Namespace, uri: str, report: Any, qmodel: Any, ts
     bundle.add_report(report)
     bundle.params["dfmpc.model"] = args.model
     bundle.params["dfmpc.weights"] = str(args.weights)
-    shutil.copyfile(ts_path, bundle.file("model.ts"))
+    shutil.copyfile(ts_path, bundle.file("model" + (ts_path.suffix or ".ts")))
     bundle.model = qmodel
     target = None
     try:
@@ -535,8 +572,9 @@ def _print_summary(out: Any, args: argparse.Namespace, report: Any, out_path: Pa
     summary.add_row("size compressed", f"{report.compressed_bytes / 1e6:.3f} MB")
     summary.add_row("compression ratio", f"x{float(report.compression_ratio):.2f}")
     summary.add_row("compress time", f"{float(report.compress_seconds):.2f} s")
-    summary.add_row("TorchScript file", str(out_path))
-    summary.add_row("TorchScript vs in-memory (max abs diff)", f"{max_diff:.2e}")
+    fmt = args.format or export_format_for(out_path)
+    summary.add_row(f"{fmt} file{' (packed)' if args.packed else ''}", f"{out_path} ({out_path.stat().st_size / 1e6:.3f} MB)")
+    summary.add_row(f"{fmt} reloaded vs in-memory (max abs diff)", f"{max_diff:.2e}")
     out.print(summary)
 
 

@@ -164,6 +164,8 @@ def _no_env_tracking_uri(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Non
         (dict(http_timeout=0), "http_timeout"),
         (dict(tracking="yes"), "tracking"),
         (dict(experiment_name=""), "experiment_name"),
+        (dict(export_formats=("torchscript", "tflite")), "export_formats"),
+        (dict(packed_export="yes"), "packed_export"),
     ],
 )
 def test_bad_arguments_fail_in_init(kwargs: dict, match: str) -> None:
@@ -531,3 +533,35 @@ def test_report_params_metrics_and_plot(tmp_path: Path) -> None:
     assert metrics["size_mb/fp32"] > metrics["size_mb/dfmpc"] > 0
     png = tracking.plot_layers(report, tmp_path / "p.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_exports_every_requested_format_packed(tmp_path: Path) -> None:
+    """export_formats=torchscript+program+onnx, packed: each file is written after a real fit,
+    reloads with its own runtime (torch.jit, torch.export, onnxruntime) and matches the
+    compressed network now in the LightningModule."""
+    pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+
+    model = TinyLit()
+    cb = DFMPCCallback(module_attr="net", tracking=False, evaluate=False, local_dir=tmp_path / "runs",
+                       export_formats=("torchscript", "program", "onnx"), packed_export=True)
+    make_trainer(tmp_path, [cb]).fit(model, make_loader(), make_loader(64, seed=1))
+    folder = cb.local_path
+    x = torch.randn(1, 1, 8, 8)
+    model.eval()
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(torch.jit.load(str(folder / "model.ts"))(x), want)
+        torch.testing.assert_close(torch.export.load(str(folder / "model.pt2")).module()(x), want)
+    sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-4, rtol=1e-4)
+    # packed: the TorchScript file is far smaller than the float network's
+    float_bytes = sum(p.numel() * 4 for p in model.net.parameters())
+    assert (folder / "model.ts").stat().st_size < float_bytes + 64_000
+    assert not list(folder.glob("*_FAILED.txt"))
+
+
+def test_export_torchscript_false_drops_it_from_the_formats() -> None:
+    cb = DFMPCCallback(export_torchscript=False, export_formats=("torchscript", "program"))
+    assert cb.export_formats == ("program",) and not cb.export_torchscript

@@ -307,3 +307,33 @@ def test_installed_console_script() -> None:
         pytest.skip("the dfmpc console script is not installed (pip install -e .)")
     proc = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "usage: dfmpc" in proc.stdout
+
+
+@pytest.mark.parametrize("out,fmt", [("out/m.pt2", None), ("out/m.onnx", None), ("out/m.bin", "program")])
+def test_compress_exports_program_and_onnx_packed(workdir: Path, capsys, monkeypatch, out: str, fmt) -> None:
+    """--format (or the --out suffix) picks torch.export or ONNX; --packed stores bit-packed codes.
+    The file reloads with its own runtime and matches the compressed model."""
+    if out.endswith(".onnx"):
+        pytest.importorskip("onnxruntime")
+    args = ["compress", "clinets:make", "--input-shape", "1,3,16,16", "--out", out, "--packed"]
+    if fmt:
+        args += ["--format", fmt]
+    res = run_in_process(args, workdir, capsys, monkeypatch)
+    assert res.code == 0, res.text
+    kind = fmt or ("program" if out.endswith(".pt2") else "onnx")
+    assert f"{kind} file (packed)" in res.out and "reloaded vs in-memory" in res.out
+    path = workdir / out
+    x = torch.randn(2, 3, 16, 16)
+    if kind == "program":
+        got = torch.export.load(str(path)).module()(x[:1])
+    else:
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x[:1].numpy()})[0])
+    assert got.shape[0] == 1 and torch.isfinite(got).all()
+
+
+def test_compress_rejects_unknown_format(workdir: Path, capsys, monkeypatch) -> None:
+    res = run_in_process(["compress", "clinets:make", "--out", "x.ts", "--format", "tflite"], workdir, capsys, monkeypatch)
+    assert res.code != 0 and "tflite" in res.err
