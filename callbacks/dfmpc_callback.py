@@ -608,6 +608,12 @@ class DFMPCCallback(Callback):
         bundle.model = export_model
         if self.export_formats:
             self._export(trainer, pl_module, bundle, export_model)
+            meta = getattr(export_model, "meta", None) or {}
+            for fmt, record in (meta.get("dfmpc_artifacts") or {}).items():
+                bundle.metrics[f"artifact_bytes/{fmt}"] = float(record["bytes"])
+            packed_bytes = (meta.get("dfmpc_report") or {}).get("artifact_bytes")
+            if packed_bytes is not None:
+                bundle.metrics["artifact_bytes"] = float(packed_bytes)
         bundle.flush()
 
         if not self.tracking:

@@ -476,6 +476,7 @@ def cmd_compress(args: argparse.Namespace, out: Any, err: Any) -> int:
                 ) from exc
 
         max_diff = steps.run(f"exporting {fmt}{' (packed)' if args.packed else ''} to {out_path}", export)
+        report = dfmpc_fx.get_report(qmodel)  # now with artifact_bytes when the export was packed
         if report_path:
             report_path.write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
         if md_path:

@@ -251,6 +251,12 @@ def report_metrics(report: Any) -> dict[str, float]:
         "compress_seconds": float(report.compress_seconds),
         "num_pairs": float(report.num_pairs),
     }
+    # the theoretical compressed size (bits x weights / 8 + scales + float parameters) and the
+    # size of the packed artifact on disk, once one was exported
+    for key in ("theoretical_bytes", "artifact_bytes"):
+        value = getattr(report, key, None)
+        if value is not None:
+            metrics[key] = float(value)
     for layer in report.layers:
         err = layer.weight_rel_error
         if err is not None and math.isfinite(float(err)):

@@ -565,3 +565,16 @@ def test_exports_every_requested_format_packed(tmp_path: Path) -> None:
 def test_export_torchscript_false_drops_it_from_the_formats() -> None:
     cb = DFMPCCallback(export_torchscript=False, export_formats=("torchscript", "program"))
     assert cb.export_formats == ("program",) and not cb.export_torchscript
+
+
+def test_metrics_give_theoretical_and_artifact_bytes(tmp_path: Path) -> None:
+    import json
+
+    model = TinyLit()
+    cb = DFMPCCallback(module_attr="net", tracking=False, evaluate=False, local_dir=tmp_path / "runs",
+                       export_formats=("torchscript",), packed_export=True)
+    make_trainer(tmp_path, [cb]).fit(model, make_loader(), make_loader(64, seed=1))
+    metrics = json.loads((cb.local_path / "metrics.json").read_text())
+    size = (cb.local_path / "model.ts").stat().st_size
+    assert metrics["artifact_bytes"] == size == metrics["artifact_bytes/torchscript"]
+    assert 0 < metrics["theoretical_bytes"] <= size
