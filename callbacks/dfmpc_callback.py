@@ -55,6 +55,7 @@ from torch import nn
 import dfmpc_fx
 from dfmpc_fx import tracking as _tracking
 from dfmpc_fx.errors import ConfigError
+from dfmpc_fx.export import EXPORT_SUFFIXES
 
 __all__ = ["CHECKPOINT_KEY", "DFMPCCallback", "load_compressed_checkpoint", "restore_compressed"]
 
@@ -270,9 +271,9 @@ class DFMPCCallback(Callback):
         if isinstance(export_formats, str):
             export_formats = (export_formats,)
         formats = tuple(export_formats)
-        unknown = [f for f in formats if f not in _EXPORT_FILES]
+        unknown = [f for f in formats if f not in EXPORT_SUFFIXES]
         if unknown:
-            raise ConfigError(f"export_formats must be among {tuple(_EXPORT_FILES)}, got {unknown}")
+            raise ConfigError(f"export_formats must be among {tuple(EXPORT_SUFFIXES)}, got {unknown}")
         if not export_torchscript:
             formats = tuple(f for f in formats if f != "torchscript")
         self.export_formats = tuple(dict.fromkeys(formats))
@@ -608,12 +609,7 @@ class DFMPCCallback(Callback):
         bundle.model = export_model
         if self.export_formats:
             self._export(trainer, pl_module, bundle, export_model)
-            meta = getattr(export_model, "meta", None) or {}
-            for fmt, record in (meta.get("dfmpc_artifacts") or {}).items():
-                bundle.metrics[f"artifact_bytes/{fmt}"] = float(record["bytes"])
-            packed_bytes = (meta.get("dfmpc_report") or {}).get("artifact_bytes")
-            if packed_bytes is not None:
-                bundle.metrics["artifact_bytes"] = float(packed_bytes)
+            bundle.metrics.update(_tracking.artifact_metrics(export_model))
         bundle.flush()
 
         if not self.tracking:
@@ -695,26 +691,18 @@ class DFMPCCallback(Callback):
         example_inputs = example if isinstance(example, tuple) else (example,)
         example_inputs = tuple(t.detach().cpu() if isinstance(t, torch.Tensor) else t for t in example_inputs)
         for fmt in self.export_formats:
-            path = bundle.file(_EXPORT_FILES[fmt])
+            path = bundle.file("model" + EXPORT_SUFFIXES[fmt])
             try:
-                if fmt == "torchscript":
-                    dfmpc_fx.export_torchscript(model, str(path), example_inputs=example_inputs, packed=self.packed_export)
-                elif fmt == "program":
-                    dfmpc_fx.export_program(model, example_inputs, packed=self.packed_export, path=path)
-                else:
-                    dfmpc_fx.export_onnx(model, path, example_inputs, packed=self.packed_export)
+                dfmpc_fx.export_as(model, path, example_inputs, fmt, packed=self.packed_export)
             except Exception as exc:  # noqa: BLE001 - an export failure must not lose the rest
                 if path.exists():
                     path.unlink()
-                bundle.write_text(f"{_EXPORT_FILES[fmt]}_FAILED.txt", f"{exc.__class__.__name__}: {exc}\n")
+                bundle.write_text(f"{path.name}_FAILED.txt", f"{exc.__class__.__name__}: {exc}\n")
                 rank_zero_warn(f"DFMPCCallback: {fmt} export failed ({exc}); the rest is still tracked")
                 continue
             if fmt == "torchscript" and self.torchscript_path is not None:
                 self.torchscript_path.parent.mkdir(parents=True, exist_ok=True)
                 self.torchscript_path.write_bytes(path.read_bytes())
-
-
-_EXPORT_FILES = {"torchscript": "model.ts", "program": "model.pt2", "onnx": "model.onnx"}
 
 
 # ---------------------------------------------------------------------- checkpoints

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .config import DFMPCConfig
 from .errors import ConfigError, DFMPCError, InvalidModelError, TraceError
-from .export import ExportError, export_onnx, export_program, export_torchscript
+from .export import ExportError, export_as, export_onnx, export_program, export_torchscript
 from .modules import QuantConv1d, QuantConv2d, QuantLinear
 from .packed import PackedConv1d, PackedConv2d, PackedLinear, PackError, pack_model, unpack_model
 from .pairs import CompensablePair, PairSearch, Refusal, find_compensable_pairs
@@ -26,6 +26,7 @@ __all__ = [
     "export_torchscript",
     "export_program",
     "export_onnx",
+    "export_as",
     "pack_model",
     "unpack_model",
     "save",

@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(comp)
     comp.add_argument("--out", metavar="FILE", required=True,
                       help="where to write the exported model (model.ts, model.pt2 or model.onnx)")
-    comp.add_argument("--format", choices=EXPORT_FORMATS, default=None,
+    comp.add_argument("--format", default=None, metavar="FORMAT",
                       help="torchscript (torch.jit.load), program (torch.export .pt2) or onnx (onnxruntime); "
                            "default: from the --out suffix (.pt2 -> program, .onnx -> onnx, else torchscript)")
     comp.add_argument("--packed", action="store_true",
@@ -434,6 +434,11 @@ def cmd_compress(args: argparse.Namespace, out: Any, err: Any) -> int:
     except dfmpc_fx.ConfigError as exc:
         raise CLIError(f"bad bit widths or options: {exc}", EXIT_USAGE, hint="see dfmpc compress --help") from exc
     out_path = _check_writable(args.out, "--out")
+    from .export import EXPORT_SUFFIXES, export_format_for
+
+    fmt = args.format or export_format_for(out_path)
+    if fmt not in EXPORT_SUFFIXES:
+        raise CLIError(f"unknown --format {fmt!r}: use one of {', '.join(EXPORT_SUFFIXES)}", EXIT_USAGE)
     report_path = _check_writable(args.report, "--report")
     md_path = _check_writable(args.markdown, "--markdown")
     plot_path = _check_writable(args.plot, "--plot")
@@ -453,13 +458,10 @@ def cmd_compress(args: argparse.Namespace, out: Any, err: Any) -> int:
             f"compressing (MP{cfg.low_bits}/{cfg.high_bits}, {cfg.method})",
             lambda: dfmpc_fx.compress(model, cfg, leaf_modules=leaf or ()),
         )
-        report = dfmpc_fx.get_report(qmodel)
-
-        fmt = args.format or export_format_for(out_path)
 
         def export() -> float:
             try:
-                return export_artifact(qmodel, out_path, example, fmt, packed=args.packed)
+                return dfmpc_fx.export_as(qmodel, out_path, (example,), fmt, packed=args.packed)
             except dfmpc_fx.ExportError as exc:
                 raise CLIError(
                     f"the {fmt} export failed for input shape {tuple(shape)}: {str(exc).splitlines()[0]}",
@@ -487,39 +489,13 @@ def cmd_compress(args: argparse.Namespace, out: Any, err: Any) -> int:
         if mlflow_uri:
             logged = steps.run(f"logging to MLflow {mlflow_uri}", lambda: _log_mlflow(args, mlflow_uri, report, qmodel, out_path))
 
-    _print_summary(out, args, report, out_path, max_diff)
+    _print_summary(out, args, report, out_path, fmt, max_diff)
     if logged:
         if logged.get("run_id"):
             out.print(f"MLflow run [bold]{logged['run_id']}[/] in experiment '{args.experiment}' at {mlflow_uri}")
         if logged.get("local_path"):
             err.print(f"[yellow]warning:[/] MLflow failed ({logged['error']}); results saved to {logged['local_path']}")
     return EXIT_OK
-
-
-EXPORT_FORMATS = ("torchscript", "program", "onnx")
-
-
-def export_format_for(path: Path) -> str:
-    """The export format a file name asks for: .pt2 -> program, .onnx -> onnx, else torchscript."""
-    return {".pt2": "program", ".onnx": "onnx"}.get(Path(path).suffix.lower(), "torchscript")
-
-
-def export_artifact(qmodel: Any, path: Path, example: Any, fmt: str, *, packed: bool = False) -> float:
-    """Write ``qmodel`` in ``fmt`` to ``path``; each exporter reloads the file (``torch.jit.load``,
-    ``torch.export.load``, onnxruntime) and raises ExportError if it does not match. Returns the
-    max abs difference the exporter measured."""
-    import dfmpc_fx
-
-    if fmt == "torchscript":
-        dfmpc_fx.export_torchscript(qmodel, str(path), example_inputs=(example,), packed=packed)
-    elif fmt == "program":
-        dfmpc_fx.export_program(qmodel, (example,), packed=packed, path=path)
-    elif fmt == "onnx":
-        dfmpc_fx.export_onnx(qmodel, path, (example,), packed=packed)
-    else:  # pragma: no cover - argparse restricts the choices
-        raise ValueError(f"unknown export format {fmt!r}")
-    record = (getattr(qmodel, "meta", {}) or {}).get("dfmpc_artifacts", {}).get(fmt, {})
-    return float(record.get("max_abs_diff", float("nan")))
 
 
 def _log_mlflow(args: argparse.Namespace, uri: str, report: Any, qmodel: Any, ts_path: Path) -> dict[str, Any]:
@@ -532,6 +508,7 @@ def _log_mlflow(args: argparse.Namespace, uri: str, report: Any, qmodel: Any, ts
     bundle.params["dfmpc.model"] = args.model
     bundle.params["dfmpc.weights"] = str(args.weights)
     shutil.copyfile(ts_path, bundle.file("model" + (ts_path.suffix or ".ts")))
+    bundle.metrics.update(tracking.artifact_metrics(qmodel))
     bundle.model = qmodel
     target = None
     try:
@@ -548,7 +525,7 @@ def _log_mlflow(args: argparse.Namespace, uri: str, report: Any, qmodel: Any, ts
         return {"run_id": None, "local_path": str(path), "error": error}
 
 
-def _print_summary(out: Any, args: argparse.Namespace, report: Any, out_path: Path, max_diff: float) -> None:
+def _print_summary(out: Any, args: argparse.Namespace, report: Any, out_path: Path, fmt: str, max_diff: float) -> None:
     from rich.table import Table
 
     layers = Table(title=f"{args.model}: per-layer bits")
@@ -573,7 +550,6 @@ def _print_summary(out: Any, args: argparse.Namespace, report: Any, out_path: Pa
     summary.add_row("size compressed", f"{report.compressed_bytes / 1e6:.3f} MB")
     summary.add_row("compression ratio", f"x{float(report.compression_ratio):.2f}")
     summary.add_row("compress time", f"{float(report.compress_seconds):.2f} s")
-    fmt = args.format or export_format_for(out_path)
     summary.add_row(f"{fmt} file{' (packed)' if args.packed else ''}", f"{out_path} ({out_path.stat().st_size / 1e6:.3f} MB)")
     summary.add_row(f"{fmt} reloaded vs in-memory (max abs diff)", f"{max_diff:.2e}")
     out.print(summary)

@@ -361,14 +361,9 @@ class KernelStats:
 
 def kernel_stats(weight: torch.Tensor, groups: int = 1) -> KernelStats:
     c_out, ipg = weight.shape[0], weight.shape[1]
-    if weight.dim() == 2:
-        return KernelStats(weight, weight * weight, groups)
     flat = weight.reshape(c_out, ipg, -1)
-    if flat.shape[2] == 1:  # 1x1 kernels: one position, so both reductions are the weight itself
-        summed = flat[:, :, 0]
-        return KernelStats(summed, summed * summed, groups)
-    # einsum lowers to a batched matmul here, about twice as fast as vecdot or (w * w).sum(2).
-    return KernelStats(flat.sum(dim=2), torch.einsum("oik,oik->oi", flat, flat), groups)
+    summed = flat[:, :, 0] if flat.shape[2] == 1 else flat.sum(dim=2)  # linear, 1x1: the weight itself
+    return KernelStats(summed, kernel_cross(weight, weight), groups)
 
 
 __all__ += ["KernelStats", "kernel_stats"]
@@ -377,9 +372,11 @@ __all__ += ["KernelStats", "kernel_stats"]
 def kernel_cross(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``sum_s a_jks b_jks`` per (output, input) channel: the kernel-position inner products."""
     c_out, ipg = a.shape[0], a.shape[1]
-    if a.dim() == 2 or a[0, 0].numel() == 1:  # linear or 1x1: one position per kernel
-        return (a * b).reshape(c_out, ipg)
-    return torch.einsum("oik,oik->oi", a.reshape(c_out, ipg, -1), b.reshape(c_out, ipg, -1))
+    fa, fb = a.reshape(c_out, ipg, -1), b.reshape(c_out, ipg, -1)
+    if fa.shape[2] == 1:  # linear or 1x1: one position per kernel
+        return (fa * fb)[:, :, 0]
+    # einsum lowers to a batched matmul here, about twice as fast as vecdot or (a * b).sum(2).
+    return torch.einsum("oik,oik->oi", fa, fb)
 
 
 def quantized_variance_ratio(

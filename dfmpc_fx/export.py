@@ -38,7 +38,8 @@ from .errors import DFMPCError
 
 PathLike = Union[str, os.PathLike]
 
-__all__ = ["ExportError", "export_torchscript", "export_program", "export_onnx"]
+__all__ = ["ExportError", "export_torchscript", "export_program", "export_onnx", "EXPORT_SUFFIXES",
+           "export_format_for", "export_as"]
 
 ARTIFACTS_KEY = "dfmpc_artifacts"
 _SERIALIZATION_ID = ".data/serialization_id"
@@ -453,3 +454,37 @@ def _onnx_reason(exc: BaseException) -> str:
     if cause is not None:
         return _first_line(cause)
     return _first_line(exc)
+
+
+# The export formats and their conventional file suffixes (the CLI and the callback use both).
+EXPORT_SUFFIXES: dict[str, str] = {"torchscript": ".ts", "program": ".pt2", "onnx": ".onnx"}
+
+
+def export_format_for(path: PathLike) -> str:
+    """The format a file name asks for: ``.pt2`` -> program, ``.onnx`` -> onnx, else torchscript."""
+    suffix = Path(path).suffix.lower()
+    return next((fmt for fmt, sfx in EXPORT_SUFFIXES.items() if sfx == suffix), "torchscript")
+
+
+def export_as(
+    qmodel: nn.Module,
+    path: PathLike,
+    example_inputs: Union[torch.Tensor, Sequence[torch.Tensor]],
+    fmt: str,
+    *,
+    packed: bool = False,
+) -> float:
+    """Write ``qmodel`` to ``path`` in ``fmt`` (a key of :data:`EXPORT_SUFFIXES`) with the matching
+    exporter, which reloads the file and raises :class:`ExportError` if it does not match.
+    Returns the max abs difference the exporter measured."""
+    inputs = _as_tuple(example_inputs)
+    if fmt == "torchscript":
+        export_torchscript(qmodel, path, inputs, packed=packed)
+    elif fmt == "program":
+        export_program(qmodel, inputs, packed=packed, path=path)
+    elif fmt == "onnx":
+        export_onnx(qmodel, path, inputs, packed=packed)
+    else:
+        raise ValueError(f"unknown export format {fmt!r}: use one of {', '.join(EXPORT_SUFFIXES)}")
+    record = ((getattr(qmodel, "meta", None) or {}).get(ARTIFACTS_KEY) or {}).get(fmt) or {}
+    return float(record.get("max_abs_diff", float("nan")))

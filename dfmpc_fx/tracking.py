@@ -264,6 +264,18 @@ def report_metrics(report: Any) -> dict[str, float]:
     return metrics
 
 
+def artifact_metrics(model: Any) -> dict[str, float]:
+    """MLflow metrics of the artifacts exported from ``model`` (recorded in its ``meta`` by the
+    exporters): ``artifact_bytes/<format>`` for each, and ``artifact_bytes`` for the packed one."""
+    meta = getattr(model, "meta", None) or {}
+    metrics = {f"artifact_bytes/{fmt}": float(record["bytes"])
+               for fmt, record in (meta.get("dfmpc_artifacts") or {}).items()}
+    packed_bytes = (meta.get("dfmpc_report") or {}).get("artifact_bytes")
+    if packed_bytes is not None:
+        metrics["artifact_bytes"] = float(packed_bytes)
+    return metrics
+
+
 _ROLE_COLOURS = {
     "low": "#d62728",
     "high": "#1f77b4",
