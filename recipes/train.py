@@ -1,4 +1,4 @@
-"""Train one zoo model on Fashion-MNIST with a lightning.Trainer (CPU) and write
+"""Train one zoo model on Fashion-MNIST with a lightning.Trainer (CPU, or one GPU) and write
 ``<out>/<name>.pt`` (bare ``net`` state dict, float32) and ``<out>/<name>.json``.
 
     OMP_NUM_THREADS=1 python recipes/train.py --model resnet20 --epochs 4
@@ -66,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-lr", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    p.add_argument("--accelerator", default="cpu", choices=("cpu", "gpu"),
+                   help="lightning accelerator (default cpu; gpu trains on one CUDA device)")
     p.add_argument("--out", type=Path, default=REPO / "checkpoints")
     p.add_argument("--log-dir", type=Path, default=Path("/tmp/dfmpc_train_logs"))
     p.add_argument("--limit-train-batches", type=float, default=1.0, help="for smoke runs only")
@@ -75,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.accelerator == "gpu":
+        # deterministic=True needs a fixed cuBLAS workspace on CUDA.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     omp = os.environ.get("OMP_NUM_THREADS")
     command = (f"OMP_NUM_THREADS={omp} " if omp else "") + "python recipes/train.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     L.seed_everything(args.seed, workers=True)
@@ -84,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     module = LitClassifier(net, model_name=args.model, max_lr=args.max_lr)
     data = FashionMNISTDataModule(batch_size=args.batch_size, num_workers=0, val_split="test", seed=args.seed)
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator=args.accelerator,
         devices=1,
         max_epochs=args.epochs,
         logger=CSVLogger(str(args.log_dir), name=args.model),
@@ -126,6 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
         "test_acc_first_1000": round(first_1000, 2),
         "train_seconds": round(train_seconds, 1),
         "threads": args.threads,
+        "accelerator": args.accelerator,
+        "device": torch.cuda.get_device_name(0) if args.accelerator == "gpu" else platform.processor() or "cpu",
         "torch_version": torch.__version__,
         "lightning_version": L.__version__,
         "python_version": platform.python_version(),
