@@ -48,16 +48,39 @@ def _only_batchnorm_consumers(node: Node, modules: dict[str, nn.Module]) -> bool
     return bool(users) and all(u.op == "call_module" and isinstance(modules[str(u.target)], BATCHNORM_MODULES) for u in users)
 
 
+def _feeding_layers(gm: GraphModule, modules: dict[str, nn.Module]) -> set[Node]:
+    """The nodes whose moments some conv/linear input depends on (a BatchNorm output depends
+    only on the BatchNorm), so that nothing else, e.g. a classifier's output, is computed."""
+    needed: set[Node] = set()
+    stack = [n.args[0] for n in gm.graph.nodes
+             if n.op == "call_module" and isinstance(modules[str(n.target)], WEIGHTED_MODULES)
+             and n.args and isinstance(n.args[0], Node)]
+    while stack:
+        node = stack.pop()
+        if node in needed:
+            continue
+        needed.add(node)
+        if node.op == "call_module" and isinstance(modules[str(node.target)], BATCHNORM_MODULES):
+            continue
+        stack.extend(node.all_input_nodes)
+    return needed
+
+
 def propagate_moments(gm: GraphModule, input_mean: float = 0.0, input_std: float = 1.0) -> dict[str, Optional[ChannelMoments]]:
-    """Estimated moments (float64) of each node's output, keyed by node name."""
+    """Estimated moments (float64) of the outputs of the nodes that feed a conv/linear layer,
+    directly or through other ops, keyed by node name (other nodes map to ``None``)."""
     modules = dict(gm.named_modules())
     est: dict[str, Optional[ChannelMoments]] = {}
+    needed = _feeding_layers(gm, modules)
 
     def get(arg: object) -> Optional[ChannelMoments]:
         return est.get(arg.name) if isinstance(arg, Node) else None
 
     for node in gm.graph.nodes:
         out: Optional[ChannelMoments] = None
+        if node not in needed:
+            est[node.name] = None
+            continue
         x = get(node.args[0]) if node.args else None
         if node.op == "placeholder":
             out = _scalar(input_mean, input_std)

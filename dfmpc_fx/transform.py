@@ -40,17 +40,23 @@ class NoCompensablePairWarning(UserWarning):
 def _check_model(model: nn.Module) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress expects an nn.Module, got {type(model).__name__}")
-    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
-        for name, t in items:
-            if not torch.is_floating_point(t) or t.numel() == 0:
-                continue
-            lo, hi = torch.aminmax(t.detach())  # one pass; NaN propagates, Inf shows as an extreme
-            if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
-                bad = int((~torch.isfinite(t)).sum())
-                raise InvalidModelError(
-                    f"{kind} {name!r} contains {bad} NaN/Inf values: the model is broken (diverged "
-                    "training or a bad checkpoint); fix or reload it before compressing"
-                )
+    tensors = [(kind, name, t.detach()) for kind, items in (("parameter", model.named_parameters()),
+                                                              ("buffer", model.named_buffers()))
+               for name, t in items if torch.is_floating_point(t) and t.numel() > 0]
+    # One aminmax pass per tensor (NaN propagates, Inf shows as an extreme) and one check for
+    # all of them: a sync per tensor costs more than the passes on a large model.
+    extremes: dict[torch.dtype, list[torch.Tensor]] = {}
+    for _, _, t in tensors:
+        extremes.setdefault(t.dtype, []).extend(torch.aminmax(t))
+    if all(bool(torch.isfinite(torch.stack(vals)).all()) for vals in extremes.values()):
+        return
+    for kind, name, t in tensors:
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise InvalidModelError(
+                f"{kind} {name!r} contains {bad} NaN/Inf values: the model is broken (diverged "
+                "training or a bad checkpoint); fix or reload it before compressing"
+            )
 
 
 def _quantize(ref: torch.Tensor, bits: int, cfg: DFMPCConfig) -> QuantizedWeight:
@@ -80,6 +86,79 @@ def _copy_sharing_layer_weights(model: nn.Module) -> nn.Module:
         if isinstance(mod, WEIGHTED_MODULES) and isinstance(mod.weight, nn.Parameter):
             memo[id(mod.weight)] = mod.weight
     return copy.deepcopy(model, memo)
+
+
+def _is_plain_torch_leaf(mod: nn.Module) -> bool:
+    """A childless module of ``torch.nn`` itself with plain Parameters and tensor buffers: its
+    ``__dict__`` holds only those, hook dicts and immutable settings, so a field-wise copy is a
+    faithful deep copy at a fraction of ``copy.deepcopy``'s cost."""
+    return (type(mod).__module__.startswith("torch.nn.modules.") and not mod._modules
+            and all(p is None or type(p) is nn.Parameter for p in mod._parameters.values())
+            and all(b is None or type(b) is torch.Tensor for b in mod._buffers.values()))
+
+
+def _copy_leaf(mod: nn.Module, shared: set[int]) -> nn.Module:
+    """Copy of one leaf module: new parameters and buffers, except those in ``shared`` (conv
+    and linear weights, which are only read and then replaced)."""
+    if not _is_plain_torch_leaf(mod):
+        return copy.deepcopy(mod, {i: t for t in mod.parameters() if (i := id(t)) in shared})
+    new = type(mod).__new__(type(mod))
+    state: dict[str, Any] = {}
+    for key, value in mod.__dict__.items():
+        if key == "_parameters":
+            value = {n: p if p is None or id(p) in shared
+                     else nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad) for n, p in value.items()}
+        elif key == "_buffers":
+            value = {n: None if b is None else b.detach().clone() for n, b in value.items()}
+        elif isinstance(value, (dict, set, list)):  # hook registries, non-persistent buffer names
+            value = copy.copy(value)
+        elif not isinstance(value, (bool, int, float, str, tuple, type(None), torch.dtype, torch.device)):
+            value = copy.deepcopy(value)
+        state[key] = value
+    new.__dict__.update(state)
+    return new
+
+
+def _traced_working_copy(
+    model: nn.Module, concrete_args: Optional[dict[str, Any]], leaf_modules: Iterable[LeafSpec],
+) -> GraphModule:
+    """A GraphModule of ``model`` in eval mode that shares nothing with ``model`` but the
+    conv/linear weights (only read, then replaced).
+
+    A model already in eval mode is traced as it is (symbolic tracing only reads it) and then
+    only the modules and tensors the graph uses are copied, leaf by leaf; that skips
+    ``copy.deepcopy`` of the whole model, a tenth of the compress time of a ResNet-50. A model
+    with any submodule in train mode is deep-copied and set to eval first, since ``forward``
+    code may branch on ``self.training`` while being traced.
+    """
+    if any(m.training for m in model.modules()):
+        return trace_model(_copy_sharing_layer_weights(model).eval(), concrete_args, leaf_modules)
+    gm = trace_model(model, concrete_args, leaf_modules)
+    shared = {id(m.weight) for m in model.modules()
+              if isinstance(m, WEIGHTED_MODULES) and isinstance(m.weight, nn.Parameter)}
+    copies: set[int] = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            target = str(node.target)
+            mod = gm.get_submodule(target)
+            if id(mod) not in copies:
+                new = _copy_leaf(mod, shared)
+                gm.set_submodule(target, new)
+                copies.add(id(new))
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            owner_name, _, field = str(node.target).rpartition(".")
+            owner = gm.get_submodule(owner_name) if owner_name else gm
+            if id(owner) in copies:
+                continue  # an attribute of a leaf copied above
+            value = getattr(owner, field)
+            if isinstance(value, nn.Parameter):
+                setattr(owner, field, nn.Parameter(value.detach().clone(), requires_grad=value.requires_grad))
+            elif isinstance(value, torch.Tensor):
+                owner._buffers[field] = value.detach().clone()
+            else:
+                setattr(owner, field, copy.deepcopy(value))
+    return gm
 
 
 def _layer_size(layer: nn.Module) -> int:
@@ -122,8 +201,7 @@ def compress(
     _check_model(model)
     float_bytes = _float_bytes(model)
 
-    work = _copy_sharing_layer_weights(model).eval()
-    gm = trace_model(work, concrete_args, leaf_modules)
+    gm = _traced_working_copy(model, concrete_args, leaf_modules)
     search = search_graph(gm)
     if not search.layers:
         raise InvalidModelError(
@@ -217,16 +295,14 @@ def _quantize_layers(
         mu = bn.running_mean.detach().to(dtype).clone() if bn is not None else None
         new_bias = bias
 
-        stats_ref = stats_q = cross = None
+        red = None
         if cfg.compensate and use_moments and in_m is not None:
-            stats_ref, stats_q = cmath.kernel_stats(ref, groups), cmath.kernel_stats(q, groups)
+            red = cmath.paired_reductions(q, ref, in_m.var, in_m.mean, groups)
         restore_variance = (cfg.compensate and use_moments and cfg.scale_rule == "batchnorm"
                             and in_m is not None)
-        if restore_variance:
-            cross = cmath.kernel_cross(q, ref)
-        rep.weight_rel_error = _relative_error(q, ref, stats_q, stats_ref, cross)
-        if cfg.compensate and use_moments and cfg.mean_correction and in_m is not None:
-            delta = stats_q.expected_output(in_m.mean) - stats_ref.expected_output(in_m.mean)
+        rep.weight_rel_error = _relative_error(q, ref, red)
+        if red is not None and cfg.mean_correction:
+            delta = red.q_out_mean - red.ref_out_mean
             rep.mean_shift = float(delta.abs().mean())
             if bn is not None:
                 bn.running_mean.copy_((mu + delta).to(bn.running_mean.dtype))
@@ -235,14 +311,14 @@ def _quantize_layers(
 
         ratio = None
         if restore_variance:
-            ratio = _variance_ratio(stats_q, stats_ref, cross, bn, in_m)
+            ratio = _variance_ratio(red, bn)
         if cfg.compensate and pair is not None:
             if ratio is not None:
                 # Restore each channel's variance around its (corrected) mean, as re-estimating
                 # BatchNorm on data would: c scales the pre-activation, folded into the partner;
                 # the shift keeps the mean where mean correction put it.
                 c, degenerate = cmath.variance_restoring_coefficients(ratio)
-                mean_ref = _expected_preactivation(stats_ref, bias, bn, mu, in_m)
+                mean_ref = _expected_preactivation(red.ref_out_mean, bias, bn, mu)
                 shift = cmath.mean_preserving_shift(mean_ref, c)
                 if bn is not None and bn.bias is not None:
                     bn.bias.data.copy_((bn.bias.detach().to(dtype) + shift).to(bn.bias.dtype))
@@ -269,42 +345,30 @@ def _quantize_layers(
     return reports
 
 
-def _relative_error(
-    q: torch.Tensor, ref: torch.Tensor, stats_q: Optional[cmath.KernelStats],
-    stats_ref: Optional[cmath.KernelStats], cross: Optional[torch.Tensor],
-) -> float:
-    """||Q - W|| / ||W||, from the kernel statistics when they are at hand (no pass over the
-    weights): ||Q||^2 - 2 <Q, W> + ||W||^2. That difference cancels when Q is very close to W,
-    so below a relative error of 1e-2 (about 8 bits and up) it is measured directly (float32
-    sums carry ~1e-7 relative error, i.e. ~0.1% of the result at that threshold)."""
-    if stats_q is not None and stats_ref is not None and cross is not None:
-        w2 = float(stats_ref.sq_norm.sum())
-        e2 = float(stats_q.sq_norm.sum()) - 2.0 * float(cross.sum()) + w2
-        if w2 > 0 and e2 > 1e-4 * w2:
-            return math.sqrt(e2 / w2)
-    # torch.dist fuses the difference into the reduction (no temporary)
-    return float(torch.dist(q, ref) / torch.linalg.vector_norm(ref).clamp_min(1e-30))
+def _relative_error(q: torch.Tensor, ref: torch.Tensor, red: Optional[cmath.PairedReductions]) -> float:
+    """||Q - W|| / ||W||: from the paired reductions when they are at hand (no pass over the
+    weights), else, and where their difference cancels (~8 bits and up), measured directly."""
+    rel = red.relative_error() if red is not None else math.nan
+    if math.isnan(rel):
+        # torch.dist fuses the difference into the reduction (no temporary)
+        rel = float(torch.dist(q, ref) / torch.linalg.vector_norm(ref).clamp_min(1e-30))
+    return rel
 
 
-def _variance_ratio(
-    stats_q: cmath.KernelStats, stats_ref: cmath.KernelStats, cross: torch.Tensor,
-    bn: Optional[nn.Module], in_m: ChannelMoments,
-) -> torch.Tensor:
+def _variance_ratio(red: cmath.PairedReductions, bn: Optional[nn.Module]) -> torch.Tensor:
     """Predicted Var(Q x) / Var(W x) per channel: the part of Q along W scales the variance
     BatchNorm recorded on the training data; the rest is treated as noise that sees only the
     input's per-channel variances (see :func:`dfmpc_fx.compensation.quantized_variance_ratio`)."""
     recorded = None
     if bn is not None and bn.running_var is not None:
-        recorded = bn.running_var.detach().to(stats_ref.sq_norm.dtype)
-    return cmath.quantized_variance_ratio(stats_q, stats_ref, cross, in_m.var, recorded)
+        recorded = bn.running_var.detach()
+    return red.variance_ratio(recorded)
 
 
 def _expected_preactivation(
-    stats_ref: cmath.KernelStats, bias: Optional[torch.Tensor], bn: Optional[nn.Module],
-    mu: Optional[torch.Tensor], in_m: ChannelMoments,
+    z: torch.Tensor, bias: Optional[torch.Tensor], bn: Optional[nn.Module], mu: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    """E[a]: the float layer's expected output after its BatchNorm (or bias)."""
-    z = stats_ref.expected_output(in_m.mean)
+    """E[a]: the float layer's expected output ``z`` (no bias) after its bias or BatchNorm."""
     if bias is not None:
         z = z + bias
     if bn is None:

@@ -72,21 +72,61 @@ def test_sixteen_bits_preserve_the_function(small_net: nn.Module, method: str, t
     assert rel < tol, rel
 
 
-def test_input_model_is_bit_identical_after_compress(small_net: nn.Module) -> None:
-    small_net.train()  # BatchNorm in train mode must not be updated or used
-    before = _state(small_net)
-    q = dfmpc_fx.compress(small_net, DFMPCConfig())
-    after = small_net.state_dict()
+class ScaledNet(SmallNet):
+    """SmallNet plus graph-level tensors (get_attr nodes) and a layer kept in float."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.rand(1, 8, 1, 1) + 0.5)
+        self.register_buffer("offset", torch.randn(1, 8, 1, 1) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)) * self.scale + self.offset)
+        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
+        x = F.max_pool2d(F.relu(self.bn3(self.conv3(x))), 2)
+        x = F.relu(self.conv4(x))
+        return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("net_type", [SmallNet, ScaledNet])
+def test_input_model_is_bit_identical_after_compress(net_type: type, mode: str) -> None:
+    """Train-mode models are deep-copied before tracing; eval-mode ones are traced as they are
+    and copied leaf by leaf: neither may touch or share anything of the input."""
+    torch.manual_seed(0)
+    net = randomize_batchnorm(net_type()).train(mode == "train")  # train-mode BN must not be updated or used
+    before = _state(net)
+    q = dfmpc_fx.compress(net, DFMPCConfig(skip_layers=("fc1",)))
+    after = net.state_dict()
     assert before.keys() == after.keys()
     for k in before:
         assert torch.equal(before[k], after[k]), k
-    assert small_net.training and not q.training
-    assert all(type(m).__name__.startswith(("Conv", "Linear", "BatchNorm", "SmallNet")) for m in small_net.modules())
-    # the compressed model owns its weights: changing it does not touch the input model
-    for p in q.parameters():
-        p.data.add_(1.0)
-    for k, v in small_net.state_dict().items():
+    assert net.training == (mode == "train") and not q.training
+    assert all(type(m).__name__.startswith(("Conv", "Linear", "BatchNorm", net_type.__name__)) for m in net.modules())
+    # nothing shared: no module object, no tensor storage
+    assert not {id(m) for m in net.modules()} & {id(m) for m in q.modules()}
+    storages = {t.untyped_storage().data_ptr() for t in list(net.parameters()) + list(net.buffers())}
+    assert not storages & {t.untyped_storage().data_ptr() for t in list(q.parameters()) + list(q.buffers())}
+    # the compressed model owns its tensors: changing them does not touch the input model
+    for t in list(q.parameters()) + [b for b in q.buffers() if b.is_floating_point()]:
+        t.data.add_(1.0)
+    for k, v in net.state_dict().items():
         assert torch.equal(before[k], v), k
+
+
+@pytest.mark.parametrize("net_type", [SmallNet, ScaledNet])
+def test_eval_and_train_mode_inputs_give_the_same_model(net_type: type) -> None:
+    """The eval-mode fast path (trace the input, copy leaves) and the deep-copy path agree."""
+    torch.manual_seed(0)
+    net = randomize_batchnorm(net_type())
+    q_eval = dfmpc_fx.compress(net.eval(), DFMPCConfig(low_bits=2, high_bits=6))
+    q_train = dfmpc_fx.compress(net.train(), DFMPCConfig(low_bits=2, high_bits=6))
+    assert q_eval.code == q_train.code
+    s_eval, s_train = q_eval.state_dict(), q_train.state_dict()
+    assert s_eval.keys() == s_train.keys()
+    for k in s_eval:
+        assert torch.equal(s_eval[k], s_train[k]), k
+    assert [type(m).__name__ for m in q_eval.modules()] == [type(m).__name__ for m in q_train.modules()]
 
 
 def test_train_mode_batchnorm_uses_running_statistics(small_net: nn.Module) -> None:

@@ -283,3 +283,41 @@ def test_quantized_variance_ratio_uses_recorded_variance_for_the_structured_part
     # 4-d conv weights: kernel_cross reduces over kernel positions only
     w4 = torch.randn(8, 3, 3, 3, dtype=torch.float64)
     assert torch.allclose(cm.kernel_cross(w4, 2 * w4), 2 * cm.kernel_stats(w4).sq_norm)
+
+
+@pytest.mark.parametrize("shape, groups", [((16, 12), 1), ((16, 12, 1, 1), 1), ((16, 6, 3, 3), 1),
+                                           ((16, 3, 3, 3), 2), ((12, 1, 3, 3), 12), ((8, 5, 7), 1)])
+def test_paired_reductions_match_the_definitions(shape: tuple, groups: int) -> None:
+    """The one-scratch-buffer reductions equal the sums written out from their definitions,
+    for linear, 1x1, 3x3, grouped, depthwise and 1-d layers; the weight error equals the norm."""
+    torch.manual_seed(sum(shape) + groups)
+    w = torch.randn(shape, dtype=torch.float64)
+    q = (w * 3).round() / 3
+    c_in = shape[1] * groups
+    v, m = torch.rand(c_in, dtype=torch.float64) + 0.1, torch.randn(c_in, dtype=torch.float64)
+    red = cm.paired_reductions(q, w, v, m, groups)
+
+    def per_slot(a: torch.Tensor) -> torch.Tensor:  # (C_out, C_in): zero outside each filter's group
+        flat = a.reshape(shape[0], shape[1], -1)
+        full = torch.zeros(shape[0], c_in, flat.shape[2], dtype=a.dtype)
+        per_group = shape[0] // groups
+        for j in range(shape[0]):
+            g = j // per_group
+            full[j, g * shape[1]:(g + 1) * shape[1]] = flat[j]
+        return full
+
+    W, Q = per_slot(w), per_slot(q)
+    expect = {
+        "ref_sq": (W * W).sum((1, 2)), "q_sq": (Q * Q).sum((1, 2)), "cross": (Q * W).sum((1, 2)),
+        "ref_sq_v": ((W * W).sum(2) * v).sum(1), "q_sq_v": ((Q * Q).sum(2) * v).sum(1),
+        "cross_v": ((Q * W).sum(2) * v).sum(1),
+        "ref_out_mean": (W.sum(2) * m).sum(1), "q_out_mean": (Q.sum(2) * m).sum(1),
+    }
+    for name, value in expect.items():
+        assert torch.allclose(getattr(red, name), value, atol=1e-10), name
+    assert red.relative_error() == pytest.approx(float((q - w).norm() / w.norm()), rel=1e-9)
+    # and the variance ratio is the one quantized_variance_ratio gives from kernel statistics
+    sq, sr = cm.kernel_stats(q, groups), cm.kernel_stats(w, groups)
+    assert torch.allclose(red.variance_ratio(), cm.quantized_variance_ratio(sq, sr, cm.kernel_cross(q, w), v), atol=1e-10)
+    # without input means, no expected outputs
+    assert cm.paired_reductions(q, w, v, None, groups).ref_out_mean is None
