@@ -10,8 +10,8 @@ Options: ``--models resnet20 vgg_small`` (default: every model in ``dfmpc_fx.zoo
 committed checkpoint; the others are listed as missing), ``--subset N`` (evaluate on the first N
 test images only: quick runs, never committed), ``--peers`` (add AIMET / Brevitas rows; a peer
 that is not installed is reported as skipped with the reason), ``--ablation`` (add, at MP2/6,
-the paper's quantizers without compensation and the two other ``scale_rule`` values), ``--out BENCHMARKS.md``,
-``--json benchmarks/results.json``, ``--plot benchmarks/accuracy_vs_size.png``,
+the paper's quantizers without compensation and the two other ``scale_rule`` values),
+``--out BENCHMARKS.md``, ``--json benchmarks/results.json``, ``--plot benchmarks/accuracy_vs_size.png``,
 ``--threads N`` (default: every CPU). A model identical to one already evaluated (same code and
 tensors, e.g. every MP row of a network with no compensable pair) reuses that evaluation.
 

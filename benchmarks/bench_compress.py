@@ -10,6 +10,7 @@ compared, so machine noise affects both alike; absolute times are printed for re
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 import warnings
@@ -55,8 +56,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     plain_per_channel_rounding(model)
 
     # A model with modules in train mode takes the deep-copy path (see compress); timed too.
-    train_model = torchvision.models.get_model(args.model, weights=None)
-    train_model.load_state_dict(model.state_dict())
+    train_model = copy.deepcopy(model).train()
     plain_t, comp_t, comp_train_t = [], [], []
     for _ in range(args.repeats):
         plain_t.append(_time(plain_per_channel_rounding, model))

@@ -476,7 +476,11 @@ def paired_reductions(
     k = reference[0, 0].numel() if reference.dim() > 2 else 1
     if groups == 1:
         w, q = reference.reshape(c_out, -1), quantized.reshape(c_out, -1)
-        u = v.repeat_interleave(k) if k > 1 else v
+
+        def per_position(t: torch.Tensor) -> torch.Tensor:  # one entry per (input, position)
+            return t.to(dtype).repeat_interleave(k) if k > 1 else t.to(dtype)
+
+        u = per_position(v)
         buf = torch.empty_like(w)
         sums: list[torch.Tensor] = []
         for a, b in ((w, w), (q, q), (q, w)):
@@ -484,8 +488,7 @@ def paired_reductions(
             sums += [buf.sum(dim=1), buf @ u]
         means: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
         if in_mean is not None:
-            m = in_mean.to(dtype)
-            m = m.repeat_interleave(k) if k > 1 else m
+            m = per_position(in_mean)
             means = (w @ m, q @ m)
         return PairedReductions(sums[0], sums[2], sums[4], sums[1], sums[3], sums[5], *means)
     stats_ref, stats_q = kernel_stats(reference, groups), kernel_stats(quantized, groups)

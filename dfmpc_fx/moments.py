@@ -42,15 +42,10 @@ def _f64(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.detach().to(torch.float64)
 
 
-def _only_batchnorm_consumers(node: Node, modules: dict[str, nn.Module]) -> bool:
-    """BatchNorm replaces its input's moments by its own, so they need not be computed."""
-    users = list(node.users)
-    return bool(users) and all(u.op == "call_module" and isinstance(modules[str(u.target)], BATCHNORM_MODULES) for u in users)
-
-
 def _feeding_layers(gm: GraphModule, modules: dict[str, nn.Module]) -> set[Node]:
     """The nodes whose moments some conv/linear input depends on (a BatchNorm output depends
-    only on the BatchNorm), so that nothing else, e.g. a classifier's output, is computed."""
+    only on the BatchNorm), so that nothing else is computed: neither a classifier's output nor
+    a layer whose only consumers are BatchNorms."""
     needed: set[Node] = set()
     stack = [n.args[0] for n in gm.graph.nodes
              if n.op == "call_module" and isinstance(modules[str(n.target)], WEIGHTED_MODULES)
@@ -90,7 +85,7 @@ def propagate_moments(gm: GraphModule, input_mean: float = 0.0, input_std: float
                 out = cmath.batchnorm_output_moments(_f64(mod.weight) if mod.affine else None,
                                                      _f64(mod.bias) if mod.affine else None,
                                                      _f64(mod.running_var), mod.eps)
-            elif isinstance(mod, WEIGHTED_MODULES) and x is not None and not _only_batchnorm_consumers(node, modules):
+            elif isinstance(mod, WEIGHTED_MODULES) and x is not None:
                 size = mod.in_features if isinstance(mod, nn.Linear) else mod.in_channels
                 xin = cmath.expand_moments(x, size)
                 if xin is not None:

@@ -298,8 +298,7 @@ def _quantize_layers(
         red = None
         if cfg.compensate and use_moments and in_m is not None:
             red = cmath.paired_reductions(q, ref, in_m.var, in_m.mean, groups)
-        restore_variance = (cfg.compensate and use_moments and cfg.scale_rule == "batchnorm"
-                            and in_m is not None)
+        restore_variance = red is not None and cfg.scale_rule == "batchnorm"
         rep.weight_rel_error = _relative_error(q, ref, red)
         if red is not None and cfg.mean_correction:
             delta = red.q_out_mean - red.ref_out_mean
