@@ -6,7 +6,7 @@ One command regenerates the table, the plot and the machine-readable results:
     .venv/bin/python benchmarks/accuracy.py          # add --peers for the AIMET/Brevitas rows,
                                                      # --ablation for the design-choice rows
 
-Options: ``--models resnet20 vgg_small`` (default: every model in ``dfmpc_fx.zoo.MODELS`` with a
+Options: ``--models resnet20 vgg_small`` (default: every model in ``dfmpc_fx.examples.zoo.MODELS`` with a
 committed checkpoint; the others are listed as missing), ``--subset N`` (evaluate on the first N
 test images only: quick runs, never committed), ``--peers`` (add AIMET / Brevitas rows; a peer
 that is not installed is reported as skipped with the reason), ``--ablation`` (add, at MP2/6,
@@ -48,8 +48,8 @@ if str(REPO) not in sys.path:
 
 import dfmpc_fx  # noqa: E402
 from dfmpc_fx import DFMPCConfig  # noqa: E402
-from dfmpc_fx.data import calibration_subset, load_fashion_mnist  # noqa: E402
-from dfmpc_fx.zoo import MODELS, default_checkpoint_dir, load_pretrained  # noqa: E402
+from dfmpc_fx.examples.data import calibration_subset, load_fashion_mnist  # noqa: E402
+from dfmpc_fx.examples.zoo import MODELS, default_checkpoint_dir, load_pretrained  # noqa: E402
 
 SETTINGS: dict[str, tuple[int, int]] = {"MP2/6": (2, 6), "MP3/6": (3, 6), "MP4/8": (4, 8)}
 FIRST_N = 1000  # the reproduction test's subset: the first 1000 test images

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 from .config import DFMPCConfig
 from .errors import ConfigError, DFMPCError, InvalidModelError, TraceError
-from .export import ExportError, export_as, export_onnx, export_program, export_torchscript
-from .modules import QuantConv1d, QuantConv2d, QuantLinear
-from .packed import PackedConv1d, PackedConv2d, PackedLinear, PackError, pack_model, unpack_model
-from .pairs import CompensablePair, PairSearch, Refusal, find_compensable_pairs
-from .quant import QuantizedWeight, fake_quantize_weight
-from .report import CompressionReport, LayerReport, get_report
-from .serialization import SerializationError, load, save
-from .transform import NoCompensablePairWarning, compress, swap_compressed_modules
+from .artifacts.export import ExportError, export_as, export_onnx, export_program, export_torchscript
+from .transform.modules import QuantConv1d, QuantConv2d, QuantLinear
+from .artifacts.packed import PackedConv1d, PackedConv2d, PackedLinear, PackError, pack_model, unpack_model
+from .graph.pairs import CompensablePair, PairSearch, Refusal, find_compensable_pairs
+from .numerics.quant import QuantizedWeight, fake_quantize_weight
+from .transform.report import CompressionReport, LayerReport, get_report
+from .artifacts.serialization import SerializationError, load, save
+from .transform.compress import NoCompensablePairWarning, compress, swap_compressed_modules
 
 __version__ = "0.1.0"
 

@@ -21,3 +21,8 @@ class TraceError(DFMPCError, RuntimeError):
 
 class InvalidModelError(DFMPCError, ValueError):
     """The model cannot be compressed as given (NaN/Inf weights, no weights at all, ...)."""
+
+
+class PackError(DFMPCError, ValueError):
+    """A layer cannot be packed exactly (its weight is not on its quantization grid, or its
+    codes do not fit the bit width)."""

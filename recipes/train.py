@@ -4,7 +4,7 @@
     OMP_NUM_THREADS=1 python recipes/train.py --model resnet20 --epochs 4
 
 The test accuracy in the JSON is computed after training by
-``dfmpc_fx.training.evaluate_accuracy`` on the full 10k test set, from the saved weights.
+``dfmpc_fx.examples.training.evaluate_accuracy`` on the full 10k test set, from the saved weights.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ if str(REPO) not in sys.path:  # allow running from a checkout without installin
 import lightning as L  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
-from dfmpc_fx.data import load_fashion_mnist  # noqa: E402
-from dfmpc_fx.training import FashionMNISTDataModule, LitClassifier, evaluate_accuracy  # noqa: E402
-from dfmpc_fx.zoo import MODELS, build_model  # noqa: E402
+from dfmpc_fx.examples.data import load_fashion_mnist  # noqa: E402
+from dfmpc_fx.examples.training import FashionMNISTDataModule, LitClassifier, evaluate_accuracy  # noqa: E402
+from dfmpc_fx.examples.zoo import MODELS, build_model  # noqa: E402
 
 
 class ProgressPrinter(L.Callback):

@@ -72,9 +72,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     from dfmpc_fx import tracking
     from dfmpc_fx.callbacks import DFMPCCallback
-    from dfmpc_fx.data import load_fashion_mnist
-    from dfmpc_fx.training import FashionMNISTDataModule, LitClassifier, evaluate_accuracy
-    from dfmpc_fx.zoo import build_model
+    from dfmpc_fx.examples.data import load_fashion_mnist
+    from dfmpc_fx.examples.training import FashionMNISTDataModule, LitClassifier, evaluate_accuracy
+    from dfmpc_fx.examples.zoo import build_model
 
     torch.set_num_threads(args.threads)
     L.seed_everything(args.seed, workers=True)

@@ -13,5 +13,5 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[dev]"
+.venv/bin/python -m pip install -q -c constraints/ci.txt -e ".[dev]"
 .venv/bin/python -c "import torch, torchvision, lightning, mlflow, dfmpc_fx; print('dfmpc-fx', dfmpc_fx.__version__, 'torch', torch.__version__, 'ready')"

@@ -67,7 +67,7 @@ def test_row_reproduces_on_first_1000(committed, bench, key):
     torch.set_num_threads(committed["meta"]["eval"]["threads"])
     row = {r.key: r for r in bench.build_rows(peers=False)}[key]
     expected = {r["key"]: r for r in committed["models"][MODEL]["rows"]}[key]
-    from dfmpc_fx.data import calibration_subset, load_fashion_mnist
+    from dfmpc_fx.examples.data import calibration_subset, load_fashion_mnist
 
     images, labels = load_fashion_mnist("test")
     n = committed["meta"]["first_n"]

@@ -1,4 +1,4 @@
-"""Unit tests of DFMPCCallback and dfmpc_fx.tracking without a tracking server.
+"""Unit tests of DFMPCCallback and dfmpc_fx.integrations.tracking without a tracking server.
 
 Real Lightning Trainers on a tiny network and synthetic data (1-2 epochs, a few batches);
 MLflow only through its embedded sqlite store. The tests with a real HTTP tracking server live

@@ -1,6 +1,6 @@
 """The ``dfmpc`` command: help, success paths, and each bad-input path.
 
-The main commands run as real subprocesses (``python -m dfmpc_fx.cli``), once per module and
+The main commands run as real subprocesses (``python -m dfmpc_fx.integrations.cli``), once per module and
 two at a time, in a scratch folder holding a small model module (``clinets.py``); the rarer
 bad-input paths call the same ``main(argv)`` in this process to keep the suite fast.
 """
@@ -80,7 +80,7 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 300) -> Result:
     env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="160", PYTHONWARNINGS="ignore")
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "dfmpc_fx.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "dfmpc_fx.integrations.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
     return Result(args, proc.returncode, proc.stdout, proc.stderr)
 
@@ -291,7 +291,7 @@ def test_bad_input_in_a_subprocess(results: dict[str, Result], case: str, code: 
         ("missing_module", EXIT_USAGE, "cannot import 'no_such_module'"),
         ("not_a_model", EXIT_USAGE, "returned int, not a torch.nn.Module"),
         ("file_store_uri", EXIT_USAGE, "MLflow 3 refuses"),
-        ("zoo_unknown", EXIT_USAGE, "dfmpc_fx.zoo has no model 'resnet21'"),
+        ("zoo_unknown", EXIT_USAGE, "dfmpc_fx.examples.zoo has no model 'resnet21'"),
     ],
 )
 def test_bad_input_in_process(workdir: Path, capsys, monkeypatch, case: str, code: int, message: str) -> None:

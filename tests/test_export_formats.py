@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import dfmpc_fx
-from dfmpc_fx.export import make_zip_deterministic
+from dfmpc_fx.artifacts.export import make_zip_deterministic
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=dfmpc_fx.NoCompensablePairWarning)
@@ -149,7 +149,7 @@ def test_export_mismatch_is_an_error(tmp_path, qmodel_and_input):
 
 def test_tolerance_scales_with_output_magnitude():
     """Outputs of 1e12 (random weights blowing up) differ by ~1e6 between float32 kernels."""
-    from dfmpc_fx.export import _check_match
+    from dfmpc_fx.artifacts.export import _check_match
 
     ref = torch.tensor([1.9e12, -3.0e11, 5.0], dtype=torch.float64)
     got = ref + torch.tensor([2.0e6, 0.0, 0.0], dtype=torch.float64)

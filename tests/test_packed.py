@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import dfmpc_fx
-from dfmpc_fx.packed import PACKED_MODULES, PackError, packed_nbytes, pack_model, unpack_model
-from dfmpc_fx.modules import QUANT_MODULES
+from dfmpc_fx.artifacts.packed import PACKED_MODULES, PackError, packed_nbytes, pack_model, unpack_model
+from dfmpc_fx.transform.modules import QUANT_MODULES
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit.script deprecation
 warnings.filterwarnings("ignore", category=dfmpc_fx.NoCompensablePairWarning)

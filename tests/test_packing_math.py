@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dfmpc_fx.packed import PackError, pack_codes, packed_nbytes, plane_layout, unpack_codes
+from dfmpc_fx.artifacts.packed import PackError, pack_codes, packed_nbytes, plane_layout, unpack_codes
 
 
 @pytest.fixture(autouse=True)

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import dfmpc_fx
-from dfmpc_fx.bits import assign_bits
-from dfmpc_fx.pairs import (
+from dfmpc_fx.graph.bits import assign_bits
+from dfmpc_fx.graph.pairs import (
     BN_POSITION,
     CHANNEL_MAPPING,
     FAN_OUT,

@@ -8,9 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dfmpc_fx import compensation as cm
-from dfmpc_fx.compensation import ChannelMoments
-from dfmpc_fx.quant import quantize_dorefa, quantize_ternary_twn, quantize_uniform, quantize_weight
+from dfmpc_fx.numerics import compensation as cm
+from dfmpc_fx.numerics.compensation import ChannelMoments
+from dfmpc_fx.numerics.quant import quantize_dorefa, quantize_ternary_twn, quantize_uniform, quantize_weight
 
 torch.set_default_dtype(torch.float32)
 

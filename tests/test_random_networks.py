@@ -28,8 +28,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import dfmpc_fx
-from dfmpc_fx import pairs as pairs_mod
-from dfmpc_fx.packed import pack_model
+from dfmpc_fx.graph import pairs as pairs_mod
+from dfmpc_fx.artifacts.packed import pack_model
 
 REASONS = {
     pairs_mod.FAN_OUT, pairs_mod.RESIDUAL, pairs_mod.SCALE_VARYING, pairs_mod.UNKNOWN_OP, pairs_mod.OUTPUT,

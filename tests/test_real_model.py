@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import dfmpc_fx
-from dfmpc_fx.data import load_fashion_mnist
-from dfmpc_fx.training import evaluate_accuracy
-from dfmpc_fx.zoo import load_pretrained
+from dfmpc_fx.examples.data import load_fashion_mnist
+from dfmpc_fx.examples.training import evaluate_accuracy
+from dfmpc_fx.examples.zoo import load_pretrained
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 

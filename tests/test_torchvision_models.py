@@ -12,7 +12,7 @@ import torch
 import torchvision
 
 import dfmpc_fx
-from dfmpc_fx.pairs import OUTPUT, RESIDUAL, SCALE_VARYING
+from dfmpc_fx.graph.pairs import OUTPUT, RESIDUAL, SCALE_VARYING
 
 from test_compress import randomize_batchnorm
 
@@ -76,7 +76,7 @@ def fold_random_scales(model: torch.nn.Module, search: dfmpc_fx.PairSearch, seed
     """For every pair: scale the first layer's output channels by random c > 0 (through its
     BatchNorm, or its weights and bias) and the second layer's input channels by 1/c. This is
     function-preserving exactly when the pair is real, whatever c is."""
-    from dfmpc_fx.compensation import fold_input_scale
+    from dfmpc_fx.numerics.compensation import fold_input_scale
 
     g = torch.Generator().manual_seed(seed)
     modules = dict(model.named_modules())

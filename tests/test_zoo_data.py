@@ -11,7 +11,7 @@ import torch
 import torch.fx
 
 from dfmpc_fx import zoo
-from dfmpc_fx.data import (
+from dfmpc_fx.examples.data import (
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,
     FashionMNISTNotFoundError,
@@ -154,7 +154,7 @@ def test_loaders_shapes_and_train_statistics() -> None:
 
 @needs_fmnist
 def test_calibration_subset_is_seeded() -> None:
-    from dfmpc_fx.data import calibration_subset
+    from dfmpc_fx.examples.data import calibration_subset
 
     a = calibration_subset(100, seed=3)
     b = calibration_subset(100, seed=3)
@@ -164,7 +164,7 @@ def test_calibration_subset_is_seeded() -> None:
 
 
 def test_evaluate_accuracy_counts_and_restores_mode() -> None:
-    from dfmpc_fx.training import evaluate_accuracy
+    from dfmpc_fx.examples.training import evaluate_accuracy
 
     class Fixed(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,7 +182,7 @@ def test_evaluate_accuracy_counts_and_restores_mode() -> None:
 def test_committed_checkpoint_reproduces_first_1000(name: str) -> None:
     """The recorded accuracy on the first 1000 test images is reproduced (1-image slack for
     thread-count-dependent float rounding)."""
-    from dfmpc_fx.training import evaluate_accuracy
+    from dfmpc_fx.examples.training import evaluate_accuracy
 
     record = json.loads((CHECKPOINTS / f"{name}.json").read_text())
     assert record["model"] == name
@@ -204,7 +204,7 @@ def test_committed_checkpoint_reproduces_first_1000(name: str) -> None:
 @pytest.mark.parametrize("name", COMMITTED)
 def test_committed_checkpoint_reproduces_full_test_accuracy(name: str) -> None:
     """The JSON's full-test accuracy is reproduced by evaluate_accuracy (2-image slack)."""
-    from dfmpc_fx.training import evaluate_accuracy
+    from dfmpc_fx.examples.training import evaluate_accuracy
 
     record = json.loads((CHECKPOINTS / f"{name}.json").read_text())
     images, labels = load_fashion_mnist("test")

@@ -11,12 +11,12 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node, Proxy, Tracer
 
-from .errors import TraceError
+from ..errors import TraceError
 
 LeafSpec = Union[str, type]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
-_PKG_DIR = os.path.dirname(os.path.abspath(__file__))
+_PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the dfmpc_fx package
 
 
 class _InplaceAddProxy(Proxy):

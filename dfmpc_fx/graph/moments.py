@@ -2,7 +2,7 @@
 
 BatchNorm resets the estimate to the statistics it recorded during training (its output has
 mean beta and variance gamma^2), which is what makes the estimate good without data; between
-BatchNorms the pure functions of :mod:`dfmpc_fx.compensation` carry it through activations,
+BatchNorms the pure functions of :mod:`dfmpc_fx.numerics.compensation` carry it through activations,
 layers and residual adds. An op the table does not know makes the estimate unknown (``None``),
 and the layers fed by it fall back to the paper's assumption (zero mean, unit variance).
 """
@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from . import compensation as cmath
-from .compensation import ChannelMoments
+from ..numerics import compensation as cmath
+from ..numerics.compensation import ChannelMoments
 from .pairs import (
     BATCHNORM_MODULES,
     FLATTEN_FUNCTIONS,

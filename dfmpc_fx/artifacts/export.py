@@ -34,7 +34,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .errors import DFMPCError
+from ..errors import DFMPCError
 
 PathLike = Union[str, os.PathLike]
 

@@ -1,8 +1,8 @@
 """``compress``: the graph transform that turns a float model into a mixed-precision GraphModule.
 
 Orchestration only: tracing, pair finding and bit assignment come from their modules, and
-every number is computed by the pure functions of :mod:`dfmpc_fx.quant` and
-:mod:`dfmpc_fx.compensation`. The graph itself is never rewritten: layers are swapped for
+every number is computed by the pure functions of :mod:`dfmpc_fx.numerics.quant` and
+:mod:`dfmpc_fx.numerics.compensation`. The graph itself is never rewritten: layers are swapped for
 ``Quant*`` modules and BatchNorm statistics are corrected, under their original qualified names.
 """
 from __future__ import annotations
@@ -18,17 +18,17 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from . import compensation as cmath
-from .bits import FLOAT, BitPlan, assign_bits
-from .compensation import ChannelMoments
-from .config import DFMPCConfig
-from .errors import ConfigError, InvalidModelError
+from ..numerics import compensation as cmath
+from ..graph.bits import FLOAT, BitPlan, assign_bits
+from ..numerics.compensation import ChannelMoments
+from ..config import DFMPCConfig
+from ..errors import ConfigError, InvalidModelError
 from .modules import QUANT_MODULES, to_quant_module
-from .moments import propagate_moments
-from .pairs import BATCHNORM_MODULES, WEIGHTED_MODULES, _consumers, search_graph
-from .quant import QuantizedWeight, quantize_weight
+from ..graph.moments import propagate_moments
+from ..graph.pairs import BATCHNORM_MODULES, WEIGHTED_MODULES, _consumers, search_graph
+from ..numerics.quant import QuantizedWeight, quantize_weight
 from .report import REPORT_KEY, CompressionReport, LayerReport
-from .tracing import LeafSpec, trace_model
+from ..graph.tracing import LeafSpec, trace_model
 
 __all__ = ["compress", "swap_compressed_modules", "NoCompensablePairWarning"]
 
@@ -357,7 +357,7 @@ def _relative_error(q: torch.Tensor, ref: torch.Tensor, red: Optional[cmath.Pair
 def _variance_ratio(red: cmath.PairedReductions, bn: Optional[nn.Module]) -> torch.Tensor:
     """Predicted Var(Q x) / Var(W x) per channel: the part of Q along W scales the variance
     BatchNorm recorded on the training data; the rest is treated as noise that sees only the
-    input's per-channel variances (see :func:`dfmpc_fx.compensation.quantized_variance_ratio`)."""
+    input's per-channel variances (see :func:`dfmpc_fx.numerics.compensation.quantized_variance_ratio`)."""
     recorded = None
     if bn is not None and bn.running_var is not None:
         recorded = bn.running_var.detach()

@@ -1,6 +1,6 @@
 """The ``dfmpc`` command: list compensable layer pairs, compress a model, export and track it.
 
-Run ``dfmpc --help`` (or ``python -m dfmpc_fx.cli --help``) for the full text.
+Run ``dfmpc --help`` (or ``python -m dfmpc_fx.integrations.cli --help``) for the full text.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ EPILOG = """\
 MODEL is one of:
   torchvision:<name>        a torchvision architecture with random weights (nothing is
                             downloaded), e.g. torchvision:resnet18, torchvision:mobilenet_v2
-  zoo:<name>                a model of dfmpc_fx.zoo, e.g. zoo:resnet20 (Fashion-MNIST, 1x28x28)
+  zoo:<name>                a model of dfmpc_fx.examples.zoo, e.g. zoo:resnet20 (Fashion-MNIST, 1x28x28)
   package.module:factory    any function or class returning an nn.Module, imported from the
                             current directory or the installed packages, e.g. mymodels:make_net
 Use --weights FILE to load trained weights (a state dict saved with torch.save, a
@@ -223,14 +223,14 @@ def build_model(spec: str, kwargs: Optional[dict[str, Any]] = None) -> tuple[Any
         shape = (1, 3, 299, 299) if name == "inception_v3" else (1, 3, 224, 224)
         return model, shape
     if prefix == "zoo":
-        from . import zoo
+        from ..examples import zoo
 
         if kwargs:
             raise CLIError("zoo models take no --model-kwargs")
         try:
             model = zoo.build_model(name)
         except (KeyError, ValueError) as exc:
-            raise CLIError(f"dfmpc_fx.zoo has no model {name!r}: {exc}") from exc
+            raise CLIError(f"dfmpc_fx.examples.zoo has no model {name!r}: {exc}") from exc
         return model, (1, zoo.IN_CHANNELS, 28, 28)
     factory = _import_object(spec, "model factory")
     if not callable(factory):
@@ -434,7 +434,7 @@ def cmd_compress(args: argparse.Namespace, out: Any, err: Any) -> int:
     except dfmpc_fx.ConfigError as exc:
         raise CLIError(f"bad bit widths or options: {exc}", EXIT_USAGE, hint="see dfmpc compress --help") from exc
     out_path = _check_writable(args.out, "--out")
-    from .export import EXPORT_SUFFIXES, export_format_for
+    from ..artifacts.export import EXPORT_SUFFIXES, export_format_for
 
     fmt = args.format or export_format_for(out_path)
     if fmt not in EXPORT_SUFFIXES:

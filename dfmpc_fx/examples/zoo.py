@@ -40,7 +40,7 @@ __all__ = [
 NUM_CLASSES = 10
 IN_CHANNELS = 1
 
-CHECKPOINT_DIR: Path = Path(__file__).resolve().parents[1] / "checkpoints"
+CHECKPOINT_DIR: Path = Path(__file__).resolve().parents[2] / "checkpoints"
 
 
 class CheckpointNotFoundError(FileNotFoundError):

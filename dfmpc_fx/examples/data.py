@@ -1,7 +1,7 @@
 """Fashion-MNIST from the Debian package ``dataset-fashion-mnist`` (offline, no downloads).
 
 The IDX ``.gz`` files are read with numpy and returned as normalised torch tensors. Nothing
-here imports lightning; the ``FashionMNISTDataModule`` lives in :mod:`dfmpc_fx.training`.
+here imports lightning; the ``FashionMNISTDataModule`` lives in :mod:`dfmpc_fx.examples.training`.
 """
 
 from __future__ import annotations

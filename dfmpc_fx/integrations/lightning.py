@@ -17,7 +17,7 @@ What happens, in order (all in ``on_train_end``, after the last training and val
    attribute named by ``module_attr``) and :func:`dfmpc_fx.swap_compressed_modules` swaps the
    compressed modules into it by qualified name. ``forward`` is never patched.
 3. The validation loop runs again: ``dfmpc/val_acc``.
-4. On global rank zero only, everything is tracked in MLflow (see :mod:`dfmpc_fx.tracking`):
+4. On global rank zero only, everything is tracked in MLflow (see :mod:`dfmpc_fx.integrations.tracking`):
    the run of the Trainer's ``MLFlowLogger`` if there is one, else a new run in
    ``tracking_uri`` / ``$MLFLOW_TRACKING_URI`` / ``sqlite:///<cwd>/mlflow.db``. If tracking
    fails, everything is written to ``dfmpc_runs/<timestamp>/`` and a warning names the folder.
@@ -53,9 +53,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 import dfmpc_fx
-from dfmpc_fx import tracking as _tracking
+from dfmpc_fx.integrations import tracking as _tracking
 from dfmpc_fx.errors import ConfigError
-from dfmpc_fx.export import EXPORT_SUFFIXES
+from dfmpc_fx.artifacts.export import EXPORT_SUFFIXES
 
 __all__ = ["CHECKPOINT_KEY", "DFMPCCallback", "load_compressed_checkpoint", "restore_compressed"]
 

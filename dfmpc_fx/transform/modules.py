@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .quant import QuantizedWeight
+from ..numerics.quant import QuantizedWeight
 
 __all__ = ["QuantConv1d", "QuantConv2d", "QuantLinear", "QUANT_MODULES", "to_quant_module"]
 

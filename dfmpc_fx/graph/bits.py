@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .config import DFMPCConfig
+from ..config import DFMPCConfig
 from .pairs import CompensablePair, PairSearch
 
 LOW, HIGH, DEFAULT, FIRST_LAST, FLOAT = "low", "high", "default", "first_last", "float"
@@ -38,7 +38,7 @@ def assign_bits(search: PairSearch, cfg: DFMPCConfig) -> BitPlan:
     for name in cfg.skip_layers:
         if name not in layers:
             raise_unknown = [n for n in layers][:10]
-            from .errors import ConfigError
+            from ..errors import ConfigError
 
             raise ConfigError(f"skip_layers names {name!r}, which is not a weighted layer; some are: {raise_unknown}")
         pinned[name] = FLOAT

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from dfmpc_fx.data import augment_collate, load_fashion_mnist
+from dfmpc_fx.examples.data import augment_collate, load_fashion_mnist
 
 __all__ = ["FashionMNISTDataModule", "LitClassifier", "evaluate_accuracy"]
 
@@ -110,7 +110,7 @@ class LitClassifier(L.LightningModule):
 
 
 class FashionMNISTDataModule(L.LightningDataModule):
-    """Fashion-MNIST from the Debian IDX files (see :mod:`dfmpc_fx.data`).
+    """Fashion-MNIST from the Debian IDX files (see :mod:`dfmpc_fx.examples.data`).
 
     Training batches get random horizontal flip + pad-2 random crop. With
     ``val_split="test"`` (the default) validation uses the 10k test set: Fashion-MNIST has

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-from .errors import DFMPCError
+from ..errors import DFMPCError
 
 REPORT_KEY = "dfmpc_report"
 

@@ -39,10 +39,10 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from .errors import DFMPCError
+from ..errors import DFMPCError
 from .export import make_zip_deterministic
 from .packed import PackError, is_packed, pack_model, unpack_model
-from .report import REPORT_KEY
+from ..transform.report import REPORT_KEY
 
 __all__ = ["save", "load", "SerializationError", "FORMAT", "FORMAT_VERSION"]
 
@@ -62,7 +62,7 @@ def save(qmodel: nn.Module, path: PathLike) -> Path:
     Returns the path. Raises :class:`SerializationError` if a layer cannot be packed exactly
     (its weight was changed after compress) or the model does not pickle.
     """
-    from . import __version__
+    from .. import __version__
 
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"save expects an nn.Module, got {type(qmodel).__name__}")

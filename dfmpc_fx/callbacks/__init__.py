@@ -5,6 +5,6 @@
     from dfmpc_fx.callbacks import DFMPCCallback
 """
 
-from .dfmpc_callback import CHECKPOINT_KEY, DFMPCCallback, load_compressed_checkpoint, restore_compressed
+from ..integrations.lightning import CHECKPOINT_KEY, DFMPCCallback, load_compressed_checkpoint, restore_compressed
 
 __all__ = ["CHECKPOINT_KEY", "DFMPCCallback", "load_compressed_checkpoint", "restore_compressed"]

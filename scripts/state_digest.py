@@ -1,0 +1,45 @@
+"""Hash the compressed state dicts of the committed checkpoints under a few configurations.
+
+A refactor of the transform must leave these digests unchanged: run this before and after and
+diff the output (``python scripts/state_digest.py > before.txt``).
+"""
+from __future__ import annotations
+
+import hashlib
+import sys
+import warnings
+
+import torch
+
+import dfmpc_fx
+from dfmpc_fx.examples.zoo import MODELS, load_pretrained  # noqa: E402
+
+CONFIGS = {
+    "mp26": {},
+    "mp36": {"low_bits": 3},
+    "uniform3": {"low_bits": 3, "high_bits": 3, "default_bits": 3, "max_bits": 16},
+    "plain": {"compensate": False},
+    "paper": {"method": "paper"},
+}
+
+
+def digest(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for key, value in sorted(module.state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def main(models: list[str]) -> None:
+    torch.manual_seed(0)
+    warnings.simplefilter("ignore")
+    for name in models:
+        model = load_pretrained(name)
+        for tag, overrides in CONFIGS.items():
+            q = dfmpc_fx.compress(model, **overrides)
+            print(f"{name:20s} {tag:10s} {digest(q)}", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or sorted(MODELS))
