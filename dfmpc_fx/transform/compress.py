@@ -23,10 +23,11 @@ from ..graph.bits import FLOAT, BitPlan, assign_bits
 from ..numerics.compensation import ChannelMoments
 from ..config import DFMPCConfig
 from ..errors import ConfigError, InvalidModelError
-from .modules import QUANT_MODULES, to_quant_module
+from .apply import apply_plans
+from .modules import QUANT_MODULES
+from .plan import BatchNormState, LayerInputs, LayerPlan, plan_layer
 from ..graph.moments import propagate_moments
 from ..graph.pairs import BATCHNORM_MODULES, WEIGHTED_MODULES, _consumers, search_graph
-from ..numerics.quant import QuantizedWeight, quantize_weight
 from .report import REPORT_KEY, CompressionReport, LayerReport
 from ..graph.tracing import LeafSpec, trace_model
 
@@ -57,12 +58,6 @@ def _check_model(model: nn.Module) -> None:
                 f"{kind} {name!r} contains {bad} NaN/Inf values: the model is broken (diverged "
                 "training or a bad checkpoint); fix or reload it before compressing"
             )
-
-
-def _quantize(ref: torch.Tensor, bits: int, cfg: DFMPCConfig) -> QuantizedWeight:
-    if cfg.method == "paper":
-        return quantize_weight(ref, bits, scheme="ternary" if bits == 2 else "dorefa", per_channel=False)
-    return quantize_weight(ref, bits, scheme=cfg.scheme, per_channel=cfg.granularity == "per_channel")
 
 
 def _following_batchnorm(node: Node, modules: dict[str, nn.Module], call_counts: dict[str, int]) -> Optional[str]:
@@ -216,7 +211,9 @@ def compress(
         report_warnings.append(msg)
 
     moments = propagate_moments(gm, cfg.input_mean, cfg.input_std) if cfg.method == "dfmpc" else {}
-    layer_reports = _quantize_layers(gm, plan, search.layers, moments, cfg, report_warnings)
+    plans = _plan_layers(gm, plan, search.layers, moments, cfg, report_warnings)
+    apply_plans(gm, plans)
+    layer_reports = [p.report for p in plans]
     gm.eval()
     compressed_bytes = _compressed_bytes(gm)
     report = CompressionReport(
@@ -236,14 +233,69 @@ def compress(
     return gm
 
 
-def _quantize_layers(
+def _layer_inputs(
+    name: str,
+    modules: dict[str, nn.Module],
+    call_counts: dict[str, int],
+    node: Node,
+    plan: BitPlan,
+    moments: dict[str, Optional[ChannelMoments]],
+    incoming: Optional[tuple[torch.Tensor, int]],
+    cfg: DFMPCConfig,
+) -> LayerInputs:
+    """Graph side of one layer's plan: what follows it, which pair it starts, its input moments,
+    and its float weight with the scale its predecessor in a pair handed over (``incoming``)."""
+    layer = modules[name]
+    groups = getattr(layer, "groups", 1)
+    dtype = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
+    ref = layer.weight.detach().to(dtype)
+    bias = layer.bias.detach().to(dtype) if layer.bias is not None else None
+    in_m: Optional[ChannelMoments] = None
+    if cfg.method == "dfmpc" and call_counts[name] == 1:
+        src = node.args[0] if node.args else None
+        est = moments.get(src.name) if isinstance(src, Node) else None
+        if est is not None:
+            est = cmath.expand_moments(est, _layer_size(layer))
+        if est is not None:
+            in_m = ChannelMoments(est.mean.to(dtype), est.var.to(dtype))
+    if incoming is not None:
+        c, fpc = incoming
+        ref = cmath.fold_input_scale(ref, c.to(dtype), groups, fpc)
+        if in_m is not None:
+            c_in = c.to(dtype).repeat_interleave(fpc) if fpc > 1 else c.to(dtype)
+            in_m = cmath.scale_input_moments(in_m, c_in)
+    pair = plan.pair_from(name)
+    bn_name = None
+    if plan.bits[name] is not None and call_counts[name] == 1:
+        bn_name = pair.bn if pair is not None else _following_batchnorm(node, modules, call_counts)
+    return LayerInputs(
+        name=name, kind=type(layer).__name__, role=plan.roles[name], bits=plan.bits[name], weight=ref,
+        bias=bias, groups=groups, in_moments=in_m,
+        bn=_batchnorm_state(modules[bn_name], dtype) if bn_name else None, bn_name=bn_name,
+        partner=pair.second if pair is not None else None,
+        features_per_channel=pair.features_per_channel if pair is not None else 1,
+    )
+
+
+def _batchnorm_state(bn: nn.Module, dtype: torch.dtype) -> BatchNormState:
+    return BatchNormState(
+        mean=bn.running_mean.detach().to(dtype).clone(), var=bn.running_var.detach().to(dtype), eps=bn.eps,
+        weight=bn.weight.detach().to(dtype) if bn.weight is not None else None,
+        bias=bn.bias.detach().to(dtype) if bn.bias is not None else None,
+        stats_dtype=bn.running_mean.dtype,
+    )
+
+
+def _plan_layers(
     gm: GraphModule,
     plan: BitPlan,
     layers: list[str],
     moments: dict[str, Optional[ChannelMoments]],
     cfg: DFMPCConfig,
     report_warnings: list[str],
-) -> list[LayerReport]:
+) -> list[LayerPlan]:
+    """One :class:`LayerPlan` per weighted layer, in graph order (a pair's scale reaches its
+    partner before the partner is planned)."""
     modules = dict(gm.named_modules())
     call_counts: dict[str, int] = {}
     first_node: dict[str, Node] = {}
@@ -252,166 +304,17 @@ def _quantize_layers(
             call_counts[str(node.target)] = call_counts.get(str(node.target), 0) + 1
             first_node.setdefault(str(node.target), node)
     incoming: dict[str, tuple[torch.Tensor, int]] = {}
-    reports: list[LayerReport] = []
-    use_moments = cfg.method == "dfmpc"
-
+    plans: list[LayerPlan] = []
     for name in layers:
-        layer = modules[name]
-        node = first_node[name]
-        role, bits = plan.roles[name], plan.bits[name]
-        groups = getattr(layer, "groups", 1)
-        dtype = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
-        ref = layer.weight.detach().to(dtype)
-        bias = layer.bias.detach().to(dtype) if layer.bias is not None else None
-        in_m: Optional[ChannelMoments] = None
-        if use_moments and call_counts[name] == 1:
-            src = node.args[0] if node.args else None
-            est = moments.get(src.name) if isinstance(src, Node) else None
-            if est is not None:
-                est = cmath.expand_moments(est, _layer_size(layer))
-            if est is not None:
-                in_m = ChannelMoments(est.mean.to(dtype), est.var.to(dtype))
-        if name in incoming:
-            c, fpc = incoming[name]
-            ref = cmath.fold_input_scale(ref, c.to(dtype), groups, fpc)
-            if in_m is not None:
-                c_in = c.to(dtype).repeat_interleave(fpc) if fpc > 1 else c.to(dtype)
-                in_m = cmath.scale_input_moments(in_m, c_in)
-        rep = LayerReport(name=name, kind=type(layer).__name__, role=role, bits=bits, numel=layer.weight.numel())
-        if bits is None:
-            # Kept in float: give the copy its own weight (it was shared with the input model).
-            layer.weight = nn.Parameter(ref.to(layer.weight.dtype).clone(), requires_grad=layer.weight.requires_grad)
-            reports.append(rep)
-            continue
-
-        qw = _quantize(ref, bits, cfg)
-        q = qw.dequantize()
-        rep.scheme = qw.scheme
-        bn_name = None
-        pair = plan.pair_from(name)
-        if call_counts[name] == 1:
-            bn_name = pair.bn if pair is not None else _following_batchnorm(node, modules, call_counts)
-        bn = modules[bn_name] if bn_name else None
-        mu = bn.running_mean.detach().to(dtype).clone() if bn is not None else None
-        new_bias = bias
-
-        red = None
-        if cfg.compensate and use_moments and in_m is not None:
-            red = cmath.paired_reductions(q, ref, in_m.var, in_m.mean, groups)
-        restore_variance = red is not None and cfg.scale_rule == "batchnorm"
-        rep.weight_rel_error = _relative_error(q, ref, red)
-        if red is not None and cfg.mean_correction:
-            delta = red.q_out_mean - red.ref_out_mean
-            rep.mean_shift = float(delta.abs().mean())
-            if bn is not None:
-                bn.running_mean.copy_((mu + delta).to(bn.running_mean.dtype))
-            else:
-                new_bias = -delta if bias is None else bias - delta
-
-        ratio = None
-        if restore_variance:
-            ratio = _variance_ratio(red, bn)
-        if cfg.compensate and pair is not None:
-            if ratio is not None:
-                # Restore each channel's variance around its (corrected) mean, as re-estimating
-                # BatchNorm on data would: c scales the pre-activation, folded into the partner;
-                # the shift keeps the mean where mean correction put it.
-                c, degenerate = cmath.variance_restoring_coefficients(ratio)
-                mean_ref = _expected_preactivation(red.ref_out_mean, bias, bn, mu)
-                shift = cmath.mean_preserving_shift(mean_ref, c)
-                if bn is not None and bn.bias is not None:
-                    bn.bias.data.copy_((bn.bias.detach().to(dtype) + shift).to(bn.bias.dtype))
-                elif bn is None:
-                    new_bias = shift if new_bias is None else new_bias + shift
-            else:
-                c, degenerate = _coefficients(q, ref, bias, new_bias, bn, mu, in_m, groups, cfg)
-            rep.coeff_mean, rep.coeff_min, rep.coeff_max = float(c.mean()), float(c.min()), float(c.max())
-            rep.degenerate_channels = int(degenerate.sum())
-            rep.partner = pair.second
-            if rep.degenerate_channels:
-                report_warnings.append(f"{name}: {rep.degenerate_channels} channels quantized to all zeros; c = 1 there")
-            incoming[pair.second] = (c, pair.features_per_channel)
-        elif ratio is not None and bn is not None:
-            # No partner to absorb a scale: put the predicted variance into BatchNorm itself.
-            var = bn.running_var.detach().to(dtype)
-            bn.running_var.copy_(((var + bn.eps) * ratio - bn.eps).clamp_min(0).to(bn.running_var.dtype))
-
-        w_dtype = layer.weight.dtype
-        qw.scale, qw.zero_point = qw.scale.to(w_dtype), qw.zero_point.to(w_dtype)
-        new = to_quant_module(layer, q.to(w_dtype), None if new_bias is None else new_bias.to(w_dtype), qw, role)
-        gm.set_submodule(name, new)
-        reports.append(rep)
-    return reports
-
-
-def _relative_error(q: torch.Tensor, ref: torch.Tensor, red: Optional[cmath.PairedReductions]) -> float:
-    """||Q - W|| / ||W||: from the paired reductions when they are at hand (no pass over the
-    weights), else, and where their difference cancels (~8 bits and up), measured directly."""
-    rel = red.relative_error() if red is not None else math.nan
-    if math.isnan(rel):
-        # torch.dist fuses the difference into the reduction (no temporary)
-        rel = float(torch.dist(q, ref) / torch.linalg.vector_norm(ref).clamp_min(1e-30))
-    return rel
-
-
-def _variance_ratio(red: cmath.PairedReductions, bn: Optional[nn.Module]) -> torch.Tensor:
-    """Predicted Var(Q x) / Var(W x) per channel: the part of Q along W scales the variance
-    BatchNorm recorded on the training data; the rest is treated as noise that sees only the
-    input's per-channel variances (see :func:`dfmpc_fx.numerics.compensation.quantized_variance_ratio`)."""
-    recorded = None
-    if bn is not None and bn.running_var is not None:
-        recorded = bn.running_var.detach()
-    return red.variance_ratio(recorded)
-
-
-def _expected_preactivation(
-    z: torch.Tensor, bias: Optional[torch.Tensor], bn: Optional[nn.Module], mu: Optional[torch.Tensor],
-) -> torch.Tensor:
-    """E[a]: the float layer's expected output ``z`` (no bias) after its bias or BatchNorm."""
-    if bias is not None:
-        z = z + bias
-    if bn is None:
-        return z
-    dtype = z.dtype
-    gamma = bn.weight.detach().to(dtype) if bn.weight is not None else torch.ones_like(z)
-    beta = bn.bias.detach().to(dtype) if bn.bias is not None else torch.zeros_like(z)
-    return gamma / torch.sqrt(bn.running_var.detach().to(dtype) + bn.eps) * (z - mu) + beta
-
-
-def _coefficients(
-    q: torch.Tensor,
-    ref: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    new_bias: Optional[torch.Tensor],
-    bn: Optional[nn.Module],
-    mu: Optional[torch.Tensor],
-    in_m: Optional[ChannelMoments],
-    groups: int,
-    cfg: DFMPCConfig,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compensation coefficients of one pair's first layer (paper Eq. 27 or the derived form)."""
-    dtype, c_out = ref.dtype, ref.shape[0]
-    zeros = torch.zeros(c_out, dtype=dtype)
-    b = bias if bias is not None else zeros
-    b_hat = new_bias if new_bias is not None else zeros
-    if bn is not None:
-        gamma = bn.weight.detach().to(dtype) if bn.weight is not None else torch.ones(c_out, dtype=dtype)
-        beta = bn.bias.detach().to(dtype) if bn.bias is not None else zeros
-        g = gamma / torch.sqrt(bn.running_var.detach().to(dtype) + bn.eps)
-        mu_hat = bn.running_mean.detach().to(dtype)
-    else:
-        g, beta = torch.ones(c_out, dtype=dtype), zeros
-        mu = mu_hat = zeros
-    if cfg.method == "paper":
-        y = g * (b - mu) + beta
-        y_hat = g * (b_hat - mu_hat) + beta
-        return cmath.paper_coefficients(q, ref, g, y, y_hat, cfg.lambda1, cfg.lambda2)
-    if in_m is None:  # unknown input statistics: the paper's zero-mean, unit-variance assumption
-        in_m = ChannelMoments(torch.zeros(ref.shape[1] * groups, dtype=dtype), torch.ones(ref.shape[1] * groups, dtype=dtype))
-    mean_ref = g * (cmath.expected_output(ref, in_m.mean, groups) + b - mu) + beta
-    mean_hat = g * (cmath.expected_output(q, in_m.mean, groups) + b_hat - mu_hat) + beta
-    rule = cmath.variance_matching_coefficients if cfg.scale_rule == "variance" else cmath.derived_coefficients
-    return rule(q, ref, g, mean_ref, mean_hat, in_m.var, groups)
+        inputs = _layer_inputs(name, modules, call_counts, first_node[name], plan, moments, incoming.pop(name, None), cfg)
+        layer_plan = plan_layer(inputs, cfg)
+        rep = layer_plan.report
+        if rep.degenerate_channels:
+            report_warnings.append(f"{name}: {rep.degenerate_channels} channels quantized to all zeros; c = 1 there")
+        if layer_plan.partner_scale is not None:
+            incoming[inputs.partner] = layer_plan.partner_scale
+        plans.append(layer_plan)
+    return plans
 
 
 def _compressed_bytes(gm: GraphModule) -> int:

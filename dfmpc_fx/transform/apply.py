@@ -1,0 +1,45 @@
+"""The one place where ``compress`` edits the traced copy: layers become ``Quant*`` modules (or
+get their own float weight), BatchNorms receive their corrected statistics."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from .modules import to_quant_module
+from .plan import BatchNormUpdate, LayerPlan
+
+__all__ = ["apply_plans"]
+
+
+def _write(target: torch.Tensor, value: torch.Tensor) -> None:
+    target.data.copy_(value.to(target.dtype))
+
+
+def _apply_batchnorm(bn: nn.Module, update: BatchNormUpdate) -> None:
+    if update.running_mean is not None:
+        _write(bn.running_mean, update.running_mean)
+    if update.running_var is not None:
+        _write(bn.running_var, update.running_var)
+    if update.bias is not None:
+        _write(bn.bias, update.bias)
+
+
+def apply_plans(gm: GraphModule, plans: Iterable[LayerPlan]) -> None:
+    """Write every plan into ``gm`` (a working copy that shares only the float conv/linear
+    weights with the user's model: those are replaced, never written)."""
+    for plan in plans:
+        layer = gm.get_submodule(plan.name)
+        w_dtype = layer.weight.dtype
+        if plan.qweight is None:
+            # Kept in float: give the copy its own weight (it was shared with the input model).
+            layer.weight = nn.Parameter(plan.weight.to(w_dtype).clone(), requires_grad=layer.weight.requires_grad)
+            continue
+        if plan.bn_update is not None:
+            _apply_batchnorm(gm.get_submodule(plan.bn_update.name), plan.bn_update)
+        qw = plan.qweight
+        qw.scale, qw.zero_point = qw.scale.to(w_dtype), qw.zero_point.to(w_dtype)
+        bias = None if plan.bias is None else plan.bias.to(w_dtype)
+        gm.set_submodule(plan.name, to_quant_module(layer, plan.weight.to(w_dtype), bias, qw, plan.role))

@@ -1,0 +1,219 @@
+"""The per-layer plan of ``compress``: pure functions from what graph analysis found about one
+layer to what must change (quantized weight, bias, BatchNorm statistics, the scale handed to the
+partner layer), with no fx and no module edits.
+
+Graph code (:mod:`dfmpc_fx.transform.compress`) decides *which* BatchNorm follows a layer,
+which pair it belongs to and what its input moments are; this module computes; one place
+(:mod:`dfmpc_fx.transform.apply`) writes the result into the graph.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..config import DFMPCConfig
+from ..numerics import compensation as cmath
+from ..numerics.compensation import ChannelMoments
+from ..numerics.quant import QuantizedWeight, quantize_weight
+from .report import LayerReport
+
+__all__ = ["BatchNormState", "LayerInputs", "LayerPlan", "BatchNormUpdate", "plan_layer", "quantize_for"]
+
+
+@dataclass
+class BatchNormState:
+    """The recorded statistics and affine of the BatchNorm that follows a layer (in the
+    layer's working dtype)."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    eps: float
+    weight: Optional[torch.Tensor]  # gamma (None: not affine)
+    bias: Optional[torch.Tensor]  # beta
+    stats_dtype: torch.dtype  # dtype of the module's running statistics
+
+
+@dataclass
+class LayerInputs:
+    """Everything :func:`plan_layer` reads about one weighted layer."""
+
+    name: str
+    kind: str
+    role: str
+    bits: Optional[int]  # None: kept in float
+    weight: torch.Tensor  # float weight in the working dtype, partner scale already folded in
+    bias: Optional[torch.Tensor]
+    groups: int
+    in_moments: Optional[ChannelMoments]  # per input channel (None: unknown)
+    bn: Optional[BatchNormState]  # the BatchNorm that follows (None: none, or shared)
+    bn_name: Optional[str]
+    partner: Optional[str]  # second layer of the active pair this layer starts
+    features_per_channel: int = 1
+    group_size: Optional[int] = None  # scale granularity chosen for this layer (None: config's)
+
+
+@dataclass
+class BatchNormUpdate:
+    """New values for a BatchNorm's tensors (None: unchanged)."""
+
+    name: str
+    running_mean: Optional[torch.Tensor] = None
+    running_var: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None
+
+
+@dataclass
+class LayerPlan:
+    """What :mod:`dfmpc_fx.transform.apply` writes for one layer."""
+
+    name: str
+    role: str
+    weight: torch.Tensor  # dequantized weight, or the float weight for layers kept in float
+    bias: Optional[torch.Tensor]
+    qweight: Optional[QuantizedWeight]  # None: kept in float
+    bn_update: Optional[BatchNormUpdate]
+    partner_scale: Optional[tuple[torch.Tensor, int]]  # (c, features per channel) for the partner
+    report: LayerReport
+
+
+def quantize_for(ref: torch.Tensor, bits: int, cfg: DFMPCConfig, group_size: Optional[int] = None) -> QuantizedWeight:
+    """The quantizer the configuration names (the paper's TWN/DoReFa per layer, or ours)."""
+    if cfg.method == "paper":
+        return quantize_weight(ref, bits, scheme="ternary" if bits == 2 else "dorefa", per_channel=False)
+    if group_size is not None:
+        return quantize_weight(ref, bits, scheme=cfg.scheme, per_channel=True, group_size=group_size)
+    return quantize_weight(ref, bits, scheme=cfg.scheme, per_channel=cfg.granularity == "per_channel")
+
+
+def plan_layer(inp: LayerInputs, cfg: DFMPCConfig) -> LayerPlan:
+    """Quantize one layer and derive its data-free corrections.
+
+    Mean correction shifts the following BatchNorm's mean (or the layer's bias) by the expected
+    output error ``E[(Q - W) x]``; variance restoration predicts ``Var(Q x) / Var(W x)`` and
+    either scales the pre-activation through the partner (``c``, with a shift that keeps the
+    corrected mean) or, without a partner, puts the ratio into the BatchNorm's variance.
+    """
+    ref, bias, bn = inp.weight, inp.bias, inp.bn
+    dtype = ref.dtype
+    rep = LayerReport(name=inp.name, kind=inp.kind, role=inp.role, bits=inp.bits, numel=ref.numel())
+    if inp.bits is None:
+        return LayerPlan(inp.name, inp.role, ref, bias, None, None, None, rep)
+
+    qw = quantize_for(ref, inp.bits, cfg, inp.group_size)
+    q = qw.dequantize()
+    rep.scheme = qw.scheme
+    mu = bn.mean if bn is not None else None
+    mu_hat = mu  # BatchNorm mean after mean correction, as stored (in the statistics' dtype)
+    new_bias = bias
+    update = BatchNormUpdate(inp.bn_name) if bn is not None else None
+    in_m = inp.in_moments
+
+    red = None
+    if cfg.compensate and cfg.method == "dfmpc" and in_m is not None:
+        red = cmath.paired_reductions(q, ref, in_m.var, in_m.mean, inp.groups)
+    rep.weight_rel_error = relative_error(q, ref, red)
+    if red is not None and cfg.mean_correction:
+        delta = red.q_out_mean - red.ref_out_mean
+        rep.mean_shift = float(delta.abs().mean())
+        if bn is not None:
+            stored = (mu + delta).to(bn.stats_dtype)
+            update.running_mean = stored
+            mu_hat = stored.to(dtype)
+        else:
+            new_bias = -delta if bias is None else bias - delta
+
+    ratio = None
+    if red is not None and cfg.scale_rule == "batchnorm":
+        # Predicted Var(Q x) / Var(W x): the part of Q along W scales the variance BatchNorm
+        # recorded; the rest is noise that sees only the input's per-channel variances.
+        ratio = red.variance_ratio(bn.var if bn is not None else None)
+    partner_scale = None
+    if cfg.compensate and inp.partner is not None:
+        if ratio is not None:
+            # Restore each channel's variance around its (corrected) mean, as re-estimating
+            # BatchNorm on data would: c scales the pre-activation, folded into the partner;
+            # the shift keeps the mean where mean correction put it.
+            c, degenerate = cmath.variance_restoring_coefficients(ratio)
+            mean_ref = _expected_preactivation(red.ref_out_mean, bias, bn, mu)
+            shift = cmath.mean_preserving_shift(mean_ref, c)
+            if bn is not None and bn.bias is not None:
+                update.bias = bn.bias + shift
+            elif bn is None:
+                new_bias = shift if new_bias is None else new_bias + shift
+        else:
+            c, degenerate = _coefficients(q, ref, bias, new_bias, bn, mu, mu_hat, in_m, inp.groups, cfg)
+        rep.coeff_mean, rep.coeff_min, rep.coeff_max = float(c.mean()), float(c.min()), float(c.max())
+        rep.degenerate_channels = int(degenerate.sum())
+        rep.partner = inp.partner
+        partner_scale = (c, inp.features_per_channel)
+    elif ratio is not None and bn is not None:
+        # No partner to absorb a scale: put the predicted variance into BatchNorm itself.
+        update.running_var = ((bn.var + bn.eps) * ratio - bn.eps).clamp_min(0)
+    return LayerPlan(inp.name, inp.role, q, new_bias, qw, update, partner_scale, rep)
+
+
+def relative_error(q: torch.Tensor, ref: torch.Tensor, red: Optional[cmath.PairedReductions]) -> float:
+    """||Q - W|| / ||W||: from the paired reductions when they are at hand (no pass over the
+    weights), else, and where their difference cancels (~8 bits and up), measured directly."""
+    rel = red.relative_error() if red is not None else math.nan
+    if math.isnan(rel):
+        # torch.dist fuses the difference into the reduction (no temporary)
+        rel = float(torch.dist(q, ref) / torch.linalg.vector_norm(ref).clamp_min(1e-30))
+    return rel
+
+
+def _bn_affine(bn: BatchNormState, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    gamma = bn.weight if bn.weight is not None else torch.ones_like(like)
+    beta = bn.bias if bn.bias is not None else torch.zeros_like(like)
+    return gamma, beta
+
+
+def _expected_preactivation(
+    z: torch.Tensor, bias: Optional[torch.Tensor], bn: Optional[BatchNormState], mu: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """E[a]: the float layer's expected output ``z`` (no bias) after its bias or BatchNorm."""
+    if bias is not None:
+        z = z + bias
+    if bn is None:
+        return z
+    gamma, beta = _bn_affine(bn, z)
+    return gamma / torch.sqrt(bn.var + bn.eps) * (z - mu) + beta
+
+
+def _coefficients(
+    q: torch.Tensor,
+    ref: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    new_bias: Optional[torch.Tensor],
+    bn: Optional[BatchNormState],
+    mu: Optional[torch.Tensor],
+    mu_hat: Optional[torch.Tensor],
+    in_m: Optional[ChannelMoments],
+    groups: int,
+    cfg: DFMPCConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compensation coefficients of one pair's first layer (paper Eq. 27 or the derived form)."""
+    dtype, c_out = ref.dtype, ref.shape[0]
+    zeros = torch.zeros(c_out, dtype=dtype)
+    b = bias if bias is not None else zeros
+    b_hat = new_bias if new_bias is not None else zeros
+    if bn is not None:
+        gamma = bn.weight if bn.weight is not None else torch.ones(c_out, dtype=dtype)
+        beta = bn.bias if bn.bias is not None else zeros
+        g = gamma / torch.sqrt(bn.var + bn.eps)
+    else:
+        g, beta = torch.ones(c_out, dtype=dtype), zeros
+        mu = mu_hat = zeros
+    if cfg.method == "paper":
+        y = g * (b - mu) + beta
+        y_hat = g * (b_hat - mu_hat) + beta
+        return cmath.paper_coefficients(q, ref, g, y, y_hat, cfg.lambda1, cfg.lambda2)
+    if in_m is None:  # unknown input statistics: the paper's zero-mean, unit-variance assumption
+        in_m = ChannelMoments(torch.zeros(ref.shape[1] * groups, dtype=dtype), torch.ones(ref.shape[1] * groups, dtype=dtype))
+    mean_ref = g * (cmath.expected_output(ref, in_m.mean, groups) + b - mu) + beta
+    mean_hat = g * (cmath.expected_output(q, in_m.mean, groups) + b_hat - mu_hat) + beta
+    rule = cmath.variance_matching_coefficients if cfg.scale_rule == "variance" else cmath.derived_coefficients
+    return rule(q, ref, g, mean_ref, mean_hat, in_m.var, groups)
