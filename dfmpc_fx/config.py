@@ -42,6 +42,18 @@ class DFMPCConfig:
             images: 0 and 1).
         max_bits: bit widths above 8 are refused unless raised here (16 is useful to check that
             compression preserves a model's function).
+        skip_layers: qualified names of layers kept in float (they count 32 bits/w in a budget).
+        target_bits: a size budget: the average bits per weight over every Conv1d/Conv2d/Linear
+            weight of the model (float layers count 32; scales and zero points counted). The
+            allocator then picks each layer's width and scale granularity from
+            ``candidate_bits`` x (per-channel, ``group_sizes``) by a data-free estimate of the
+            damage left after correction. Replaces ``low_bits``/``high_bits``/
+            ``default_bits``/``first_last_bits`` (pin layers with ``fixed_bits`` instead).
+        target_bytes: the same budget as a whole-model size (``get_report(q).compressed_bytes``).
+        candidate_bits: widths the allocator may choose.
+        group_sizes: scale groups the allocator may choose besides one scale per output channel
+            (a group is ``k`` consecutive weights of a row; each group's scale is charged).
+        fixed_bits: ``{layer name: bits}`` pinned under a budget (e.g. ``{"conv1": 8}``).
     """
 
     low_bits: int = 2
@@ -60,6 +72,11 @@ class DFMPCConfig:
     input_std: float = 1.0
     max_bits: int = 8
     skip_layers: tuple[str, ...] = field(default_factory=tuple)
+    target_bits: Optional[float] = None
+    target_bytes: Optional[int] = None
+    candidate_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+    group_sizes: tuple[int, ...] = ()
+    fixed_bits: dict[str, int] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         def check_bits(name: str, value: Any, lo: int, hi: int) -> None:
@@ -99,11 +116,60 @@ class DFMPCConfig:
         if not isinstance(self.compensate, bool) or not isinstance(self.mean_correction, bool):
             raise ConfigError("compensate and mean_correction must be bools")
         object.__setattr__(self, "skip_layers", tuple(self.skip_layers))
+        self._check_budget()
+
+    @property
+    def has_budget(self) -> bool:
+        """Whether the allocator chooses the widths (``target_bits`` or ``target_bytes``)."""
+        return self.target_bits is not None or self.target_bytes is not None
+
+    def _check_budget(self) -> None:
+        object.__setattr__(self, "candidate_bits", tuple(self.candidate_bits))
+        object.__setattr__(self, "group_sizes", tuple(self.group_sizes))
+        object.__setattr__(self, "fixed_bits", dict(self.fixed_bits))
+        for b in self.candidate_bits:
+            if isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= self.max_bits:
+                raise ConfigError(f"candidate_bits entry {b!r} must be an int in 2..{self.max_bits} (max_bits)")
+        if not self.candidate_bits:
+            raise ConfigError("candidate_bits is empty: give at least one width, e.g. (2, 3, 4, 8)")
+        for g in self.group_sizes:
+            if isinstance(g, bool) or not isinstance(g, int) or g < 2:
+                raise ConfigError(f"group_sizes entry {g!r} must be an int >= 2 (e.g. 32, 64, 128)")
+        for name, b in self.fixed_bits.items():
+            if isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= self.max_bits:
+                raise ConfigError(f"fixed_bits[{name!r}]={b!r} must be an int in 2..{self.max_bits}")
+        if self.target_bits is not None and self.target_bytes is not None:
+            raise ConfigError("target_bits and target_bytes are two forms of one budget: drop one of them")
+        if self.target_bits is not None:
+            t = self.target_bits
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0 < t <= 32) or t != t:
+                raise ConfigError(f"target_bits={t!r} must be a number in (0, 32] (average bits per weight)")
+        if self.target_bytes is not None:
+            t = self.target_bytes
+            if isinstance(t, bool) or not isinstance(t, int) or t <= 0:
+                raise ConfigError(f"target_bytes={t!r} must be a positive int (whole-model bytes)")
+        if not self.has_budget:
+            if self.fixed_bits:
+                raise ConfigError("fixed_bits pins layers under a budget: set target_bits (or drop fixed_bits)")
+            return
+        if self.method != "dfmpc":
+            raise ConfigError(f"a size budget needs method='dfmpc' (method={self.method!r} keeps the paper's layout): drop target_bits/target_bytes or method")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        clashing = [name for name in ("low_bits", "high_bits", "default_bits", "first_last_bits")
+                    if getattr(self, name) != defaults[name]]
+        if clashing:
+            raise ConfigError(
+                f"{', '.join(clashing)} and a size budget both set bit widths: drop {', '.join(clashing)} "
+                "(the allocator chooses every width; pin layers with fixed_bits={'name': bits}) or drop target_bits/target_bytes"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """All fields, JSON-serialisable (for MLflow params and reports)."""
         d = dataclasses.asdict(self)
         d["skip_layers"] = list(self.skip_layers)
+        d["candidate_bits"] = list(self.candidate_bits)
+        d["group_sizes"] = list(self.group_sizes)
+        d["fixed_bits"] = dict(self.fixed_bits)
         return d
 
     @classmethod

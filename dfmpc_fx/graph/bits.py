@@ -13,7 +13,7 @@ from typing import Optional
 from ..config import DFMPCConfig
 from .pairs import CompensablePair, PairSearch
 
-LOW, HIGH, DEFAULT, FIRST_LAST, FLOAT = "low", "high", "default", "first_last", "float"
+LOW, HIGH, DEFAULT, FIRST_LAST, FLOAT, BUDGET = "low", "high", "default", "first_last", "float", "budget"
 
 
 @dataclass
@@ -85,3 +85,22 @@ def assign_bits(search: PairSearch, cfg: DFMPCConfig) -> BitPlan:
         else:
             roles[name], bits[name] = DEFAULT, cfg.default_bits
     return BitPlan(roles=roles, bits=bits, active_pairs=active, excluded_pairs=excluded)
+
+
+def budget_roles(search: PairSearch, cfg: DFMPCConfig) -> BitPlan:
+    """Roles under a size budget: every layer is the allocator's (``budget``) except those in
+    ``skip_layers`` (float). No pair compensates: each quantized layer is corrected on its own,
+    and where a BatchNorm follows, its variance takes the restoration a partner's scale would
+    (the same correction for a positively homogeneous activation). ``bits`` holds a placeholder
+    (the widest candidate) until the allocator has chosen."""
+    layers = search.layers
+    for name in list(cfg.skip_layers) + list(cfg.fixed_bits):
+        if name not in layers:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"{name!r} (skip_layers / fixed_bits) is not a weighted layer; some are: {layers[:10]}")
+    roles = {name: FLOAT if name in cfg.skip_layers else BUDGET for name in layers}
+    widest = max(cfg.candidate_bits)
+    bits = {name: None if roles[name] == FLOAT else cfg.fixed_bits.get(name, widest) for name in layers}
+    why = "not used under a size budget: each layer is corrected on its own (its BatchNorm absorbs the variance restoration)"
+    return BitPlan(roles=roles, bits=bits, active_pairs=[], excluded_pairs=[(p, why) for p in search.pairs])

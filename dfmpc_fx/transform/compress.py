@@ -19,11 +19,12 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from ..numerics import compensation as cmath
-from ..graph.bits import FLOAT, BitPlan, assign_bits
+from ..graph.bits import BitPlan, assign_bits, budget_roles
 from ..numerics.compensation import ChannelMoments
 from ..config import DFMPCConfig
 from ..errors import ConfigError, InvalidModelError
 from .apply import apply_plans
+from .budget import choose_widths
 from .modules import QUANT_MODULES
 from .plan import BatchNormState, LayerInputs, LayerPlan, plan_layer
 from ..graph.moments import propagate_moments
@@ -202,20 +203,22 @@ def compress(
         raise InvalidModelError(
             f"{type(model).__name__} has no Conv1d/Conv2d/Linear module reached by its forward: nothing to quantize"
         )
-    plan = assign_bits(search, cfg)
+    plan = budget_roles(search, cfg) if cfg.has_budget else assign_bits(search, cfg)
     report_warnings: list[str] = []
-    if not plan.active_pairs:
+    if not plan.active_pairs and not cfg.has_budget:
         msg = (f"{type(model).__name__} has no compensable pair ({len(search.refusals)} candidates refused: "
                f"{search.refusal_counts()}); quantizing every layer at its default bit width without compensation")
         warnings.warn(msg, NoCompensablePairWarning, stacklevel=2)
         report_warnings.append(msg)
 
     moments = propagate_moments(gm, cfg.input_mean, cfg.input_std) if cfg.method == "dfmpc" else {}
-    plans = _plan_layers(gm, plan, search.layers, moments, cfg, report_warnings)
+    weight_count = _weight_count(model)
+    plans = _plan_layers(gm, plan, search.layers, moments, cfg, report_warnings, weight_count, float_bytes)
     apply_plans(gm, plans)
     layer_reports = [p.report for p in plans]
     gm.eval()
     compressed_bytes = _compressed_bytes(gm)
+    bits_per_weight = _bits_per_weight(gm, weight_count)
     report = CompressionReport(
         config=cfg.to_dict(),
         layers=layer_reports,
@@ -228,6 +231,9 @@ def compress(
         torch_version=torch.__version__,
         warnings=report_warnings,
         theoretical_bytes=compressed_bytes,
+        bits_per_weight=bits_per_weight,
+        target_bits=cfg.target_bits,
+        target_bytes=cfg.target_bytes,
     )
     gm.meta[REPORT_KEY] = report.to_dict()
     return gm
@@ -277,6 +283,64 @@ def _layer_inputs(
     )
 
 
+def _plan_under_budget(
+    modules: dict[str, nn.Module],
+    call_counts: dict[str, int],
+    first_node: dict[str, Node],
+    plan: BitPlan,
+    layers: list[str],
+    moments: dict[str, Optional[ChannelMoments]],
+    cfg: DFMPCConfig,
+    weight_count: int,
+    float_bytes: int,
+) -> list[LayerPlan]:
+    inputs = [_layer_inputs(name, modules, call_counts, first_node[name], plan, moments, None, cfg) for name in layers]
+    quantizable = [inp for inp in inputs if inp.bits is not None]
+    fixed_weight_bits = 32.0 * (weight_count - sum(inp.weight.numel() for inp in quantizable))
+    fixed_other_bits = 8.0 * float_bytes - 32.0 * weight_count
+    choices = choose_widths(quantizable, cfg, fixed_weight_bits, weight_count, fixed_other_bits)
+    plans = []
+    for inp in inputs:
+        choice = choices.get(inp.name)
+        if choice is not None:
+            inp.bits, inp.group_size = choice.option.bits, choice.option.group_size
+        layer_plan = plan_layer(inp, cfg)
+        if choice is not None:
+            rep = layer_plan.report
+            rep.group_size = choice.option.group_size
+            rep.estimated_damage = choice.estimate[choice.option.label()]
+            rep.estimates = choice.estimate
+        plans.append(layer_plan)
+    return plans
+
+
+def _weight_count(model: nn.Module) -> int:
+    """Conv1d/Conv2d/Linear weights of the model (subclasses included; shared ones once): what a
+    size budget in bits per weight is an average over."""
+    seen: set[int] = set()
+    total = 0
+    for mod in model.modules():
+        if isinstance(mod, WEIGHTED_MODULES) and isinstance(getattr(mod, "weight", None), torch.Tensor):
+            if id(mod.weight) not in seen:
+                seen.add(id(mod.weight))
+                total += mod.weight.numel()
+    return total
+
+
+def _bits_per_weight(gm: GraphModule, weight_count: int) -> float:
+    """Average bits per conv/linear weight of the compressed model: quantized weights at their
+    width plus their scales and zero points, every other conv/linear weight at 32."""
+    bits, quantized = 0.0, 0
+    for mod in gm.modules():
+        if type(mod) in QUANT_MODULES.values():
+            bits += mod.w_bits * mod.weight.numel() + 32 * mod.weight_scale.numel()
+            if mod.scheme in ("asymmetric", "dorefa"):
+                bits += 32 * mod.weight_zero_point.numel()
+            quantized += mod.weight.numel()
+    bits += 32.0 * max(weight_count - quantized, 0)
+    return bits / max(weight_count, 1)
+
+
 def _batchnorm_state(bn: nn.Module, dtype: torch.dtype) -> BatchNormState:
     return BatchNormState(
         mean=bn.running_mean.detach().to(dtype).clone(), var=bn.running_var.detach().to(dtype), eps=bn.eps,
@@ -293,9 +357,12 @@ def _plan_layers(
     moments: dict[str, Optional[ChannelMoments]],
     cfg: DFMPCConfig,
     report_warnings: list[str],
+    weight_count: int,
+    float_bytes: int,
 ) -> list[LayerPlan]:
     """One :class:`LayerPlan` per weighted layer, in graph order (a pair's scale reaches its
-    partner before the partner is planned)."""
+    partner before the partner is planned; under a size budget the allocator first chooses
+    every layer's width from the same inputs)."""
     modules = dict(gm.named_modules())
     call_counts: dict[str, int] = {}
     first_node: dict[str, Node] = {}
@@ -303,6 +370,8 @@ def _plan_layers(
         if node.op == "call_module":
             call_counts[str(node.target)] = call_counts.get(str(node.target), 0) + 1
             first_node.setdefault(str(node.target), node)
+    if cfg.has_budget:
+        return _plan_under_budget(modules, call_counts, first_node, plan, layers, moments, cfg, weight_count, float_bytes)
     incoming: dict[str, tuple[torch.Tensor, int]] = {}
     plans: list[LayerPlan] = []
     for name in layers:

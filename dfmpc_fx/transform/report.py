@@ -28,6 +28,9 @@ class LayerReport:
     degenerate_channels: int = 0  # all-zero quantized channels given c = 1
     mean_shift: Optional[float] = None  # mean |E[(Q-W)x]| corrected, in units of the output std
     partner: Optional[str] = None
+    group_size: Optional[int] = None  # weights per scale within a row (None: one per output channel)
+    estimated_damage: Optional[float] = None  # size budget: predicted output noise-to-signal of the choice
+    estimates: Optional[dict[str, float]] = None  # size budget: every option's prediction (label -> ratio)
 
 
 @dataclass
@@ -44,6 +47,9 @@ class CompressionReport:
     warnings: list[str] = field(default_factory=list)
     theoretical_bytes: Optional[int] = None
     artifact_bytes: Optional[int] = None
+    bits_per_weight: Optional[float] = None  # over every conv/linear weight: float 32, scales counted
+    target_bits: Optional[float] = None  # the budget asked for, when one was
+    target_bytes: Optional[int] = None
 
     @property
     def num_pairs(self) -> int:

@@ -1,0 +1,102 @@
+"""Size-budget allocation for ``compress``: turns the layers' plan inputs into the costs of
+:mod:`dfmpc_fx.numerics.allocation`, solves for the budget, and writes the choice back."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..config import DFMPCConfig
+from ..errors import ConfigError
+from ..numerics.allocation import Candidate, InfeasibleBudget, LayerCost, allocate, estimate_layer
+from .plan import LayerInputs, quantize_for
+
+__all__ = ["BudgetChoice", "choose_widths", "candidates_for"]
+
+
+@dataclass
+class BudgetChoice:
+    """The allocator's answer for one layer: its option and the estimates it chose among."""
+
+    option: Candidate
+    size_bits: float
+    estimate: dict[str, float]  # option label -> predicted noise-to-signal ratio
+
+
+def candidates_for(name: str, cfg: DFMPCConfig, row_len: int) -> list[Candidate]:
+    """The options of one layer: pinned by ``fixed_bits``, else every width x granularity
+    (groups no shorter than the row are the per-channel option and are left out)."""
+    if name in cfg.fixed_bits:
+        return [Candidate(cfg.fixed_bits[name], None)]
+    groups = [g for g in cfg.group_sizes if g < row_len]
+    return [Candidate(b, g) for b in sorted(set(cfg.candidate_bits)) for g in [None, *groups]]
+
+
+def _input_variance_per_weight(inp: LayerInputs) -> Optional[torch.Tensor]:
+    """The input variance each weight of a row multiplies: ``(K,)``, or ``(C_out, K)`` for a
+    grouped convolution (each row sees its own group's channels)."""
+    if inp.in_moments is None:
+        return None
+    w = inp.weight
+    k = w[0, 0].numel() if w.dim() > 2 else 1
+    v = inp.in_moments.var
+    if inp.groups == 1:
+        return v.repeat_interleave(k) if k > 1 else v
+    ipg = w.shape[1]
+    c_out = w.shape[0]
+    group_of_row = torch.arange(c_out) // (c_out // inp.groups)
+    per_group = v.reshape(inp.groups, ipg)
+    rows = per_group[group_of_row]
+    return rows.repeat_interleave(k, dim=1) if k > 1 else rows
+
+
+def choose_widths(
+    inputs: list[LayerInputs], cfg: DFMPCConfig, fixed_weight_bits: float, all_weights: int, fixed_other_bits: float,
+) -> dict[str, BudgetChoice]:
+    """Widths and granularities of the quantizable layers ``inputs`` under the configured budget.
+
+    ``fixed_weight_bits``: bits of conv/linear weights that stay in float whatever the budget
+    (skipped or unreachable layers, 32 bits each); ``all_weights``: the number of conv/linear
+    weights of the whole model; ``fixed_other_bits``: the rest of the model (biases, norms,
+    embeddings), for ``target_bytes``.
+    """
+    zero_point = cfg.scheme == "asymmetric"
+    costs: list[LayerCost] = []
+    for inp in inputs:
+        row_len = inp.weight[0].numel()
+        options = candidates_for(inp.name, cfg, row_len)
+
+        def quantize(rows: torch.Tensor, opt: Candidate) -> torch.Tensor:
+            return quantize_for(rows, opt.bits, cfg, opt.group_size).dequantize()
+
+        costs.append(estimate_layer(
+            inp.name, inp.weight, options, quantize, _input_variance_per_weight(inp),
+            inp.bn.var if inp.bn is not None else None, zero_point,
+        ))
+    if cfg.target_bits is not None:
+        budget = cfg.target_bits * all_weights - fixed_weight_bits
+    else:
+        budget = 8.0 * cfg.target_bytes - fixed_other_bits - fixed_weight_bits
+    try:
+        choice = allocate(costs, budget)
+    except InfeasibleBudget as exc:
+        smallest = exc.smallest + fixed_weight_bits
+        if cfg.target_bits is not None:
+            reach = f"target_bits={math.ceil(smallest / all_weights * 1000) / 1000:.3f}"
+        else:
+            reach = f"target_bytes={math.ceil((smallest + fixed_other_bits) / 8)}"
+        raise ConfigError(
+            f"the size budget cannot be reached: the smallest this model can be made with candidate_bits="
+            f"{cfg.candidate_bits}, group_sizes={cfg.group_sizes}, fixed_bits and skip_layers as given is {reach}; "
+            "raise the budget, allow lower candidate_bits, or pin fewer layers"
+        ) from None
+    out: dict[str, BudgetChoice] = {}
+    for inp, cost, idx in zip(inputs, costs, choice):
+        out[inp.name] = BudgetChoice(
+            option=cost.options[idx], size_bits=cost.size_bits[idx],
+            estimate={opt.label(): d for opt, d in zip(cost.options, cost.damage)},
+        )
+    return out
+
