@@ -22,7 +22,8 @@ class BudgetChoice:
 
     option: Candidate
     size_bits: float
-    estimate: dict[str, float]  # option label -> predicted noise-to-signal ratio
+    estimate: dict[str, float]  # option label -> predicted noise-to-signal ratio at the layer's output
+    gain: float  # share of that ratio expected at the model's output (the knapsack weighs damage by it)
 
 
 def candidates_for(name: str, cfg: DFMPCConfig, row_len: int) -> list[Candidate]:
@@ -54,13 +55,15 @@ def _input_variance_per_weight(inp: LayerInputs) -> Optional[torch.Tensor]:
 
 def choose_widths(
     inputs: list[LayerInputs], cfg: DFMPCConfig, fixed_weight_bits: float, all_weights: int, fixed_other_bits: float,
+    gains: dict[str, float],
 ) -> dict[str, BudgetChoice]:
     """Widths and granularities of the quantizable layers ``inputs`` under the configured budget.
 
     ``fixed_weight_bits``: bits of conv/linear weights that stay in float whatever the budget
     (skipped or unreachable layers, 32 bits each); ``all_weights``: the number of conv/linear
     weights of the whole model; ``fixed_other_bits``: the rest of the model (biases, norms,
-    embeddings), for ``target_bytes``.
+    embeddings), for ``target_bytes``; ``gains``: each layer's output-noise gain
+    (:func:`dfmpc_fx.graph.sensitivity.output_noise_gains`), which weighs its damage.
     """
     zero_point = cfg.scheme == "asymmetric"
     costs: list[LayerCost] = []
@@ -75,6 +78,10 @@ def choose_widths(
             inp.name, inp.weight, options, quantize, _input_variance_per_weight(inp),
             inp.bn.var if inp.bn is not None else None, zero_point,
         ))
+    raw = [list(c.damage) for c in costs]
+    for c in costs:
+        g = gains.get(c.name, 1.0)
+        c.damage = [d * g for d in c.damage]
     if cfg.target_bits is not None:
         budget = cfg.target_bits * all_weights - fixed_weight_bits
     else:
@@ -93,10 +100,10 @@ def choose_widths(
             "raise the budget, allow lower candidate_bits, or pin fewer layers"
         ) from None
     out: dict[str, BudgetChoice] = {}
-    for inp, cost, idx in zip(inputs, costs, choice):
+    for inp, cost, idx, nsr in zip(inputs, costs, choice, raw):
         out[inp.name] = BudgetChoice(
             option=cost.options[idx], size_bits=cost.size_bits[idx],
-            estimate={opt.label(): d for opt, d in zip(cost.options, cost.damage)},
+            estimate={opt.label(): d for opt, d in zip(cost.options, nsr)}, gain=gains.get(inp.name, 1.0),
         )
     return out
 

@@ -28,6 +28,7 @@ from .budget import choose_widths
 from .modules import QUANT_MODULES
 from .plan import BatchNormState, LayerInputs, LayerPlan, plan_layer
 from ..graph.moments import propagate_moments
+from ..graph.sensitivity import output_noise_gains
 from ..graph.pairs import BATCHNORM_MODULES, WEIGHTED_MODULES, _consumers, search_graph
 from .report import REPORT_KEY, CompressionReport, LayerReport
 from ..graph.tracing import LeafSpec, trace_model
@@ -293,12 +294,13 @@ def _plan_under_budget(
     cfg: DFMPCConfig,
     weight_count: int,
     float_bytes: int,
+    gains: dict[str, float],
 ) -> list[LayerPlan]:
     inputs = [_layer_inputs(name, modules, call_counts, first_node[name], plan, moments, None, cfg) for name in layers]
     quantizable = [inp for inp in inputs if inp.bits is not None]
     fixed_weight_bits = 32.0 * (weight_count - sum(inp.weight.numel() for inp in quantizable))
     fixed_other_bits = 8.0 * float_bytes - 32.0 * weight_count
-    choices = choose_widths(quantizable, cfg, fixed_weight_bits, weight_count, fixed_other_bits)
+    choices = choose_widths(quantizable, cfg, fixed_weight_bits, weight_count, fixed_other_bits, gains)
     plans = []
     for inp in inputs:
         choice = choices.get(inp.name)
@@ -309,6 +311,7 @@ def _plan_under_budget(
             rep = layer_plan.report
             rep.group_size = choice.option.group_size
             rep.estimated_damage = choice.estimate[choice.option.label()]
+            rep.noise_gain = choice.gain
             rep.estimates = choice.estimate
         plans.append(layer_plan)
     return plans
@@ -371,7 +374,8 @@ def _plan_layers(
             call_counts[str(node.target)] = call_counts.get(str(node.target), 0) + 1
             first_node.setdefault(str(node.target), node)
     if cfg.has_budget:
-        return _plan_under_budget(modules, call_counts, first_node, plan, layers, moments, cfg, weight_count, float_bytes)
+        gains = output_noise_gains(gm, moments)
+        return _plan_under_budget(modules, call_counts, first_node, plan, layers, moments, cfg, weight_count, float_bytes, gains)
     incoming: dict[str, tuple[torch.Tensor, int]] = {}
     plans: list[LayerPlan] = []
     for name in layers:

@@ -31,6 +31,7 @@ class LayerReport:
     group_size: Optional[int] = None  # weights per scale within a row (None: one per output channel)
     estimated_damage: Optional[float] = None  # size budget: predicted output noise-to-signal of the choice
     estimates: Optional[dict[str, float]] = None  # size budget: every option's prediction (label -> ratio)
+    noise_gain: Optional[float] = None  # size budget: share of this layer's output noise reaching the model output
 
 
 @dataclass

@@ -1,0 +1,67 @@
+"""How much of a layer's output noise reaches the model's output, estimated data-free.
+
+The allocator's damage of a layer is the noise-to-signal ratio it adds to its own output;
+what matters is the ratio that survives to the model's output. Walking the graph backwards
+from the output, each op maps a relative noise at its input to one at its output:
+
+- a residual add of branches with variances ``V_a`` and ``V_b``: noise on one branch is
+  diluted by ``V_a / (V_a + V_b)`` (independent branches);
+- everything else (layers, normalisations, activations, pooling, reshapes) passes the ratio on
+  at unit gain; fan-out adds the paths' gains.
+
+Measured on the committed ResNet-20 (each layer alone at 2 bits, logits' relative error on 500
+test images), the residual dilution lifts the rank correlation of estimate and measurement from
+0.26 to 0.42. A per-layer "coherence" factor (trained filters sum correlated inputs, so the
+recorded output variance exceeds the independent-input one and relative noise shrinks) was
+tried and dropped: compounded over depth it over-shrinks early layers (ResNet-20 0.58 at half
+strength, VGG-small 0.79 -> -0.05).
+
+The result weights each layer's ratio in the knapsack objective (see
+:mod:`dfmpc_fx.numerics.allocation`). It is a ranking device, not a calibrated prediction.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+from torch.fx import GraphModule, Node
+
+from ..numerics.compensation import ChannelMoments
+from .pairs import WEIGHTED_MODULES
+
+__all__ = ["output_noise_gains"]
+
+_ADDS = (operator.add, torch.add, operator.iadd, "add", "add_")
+
+
+def _mean_var(m: Optional[ChannelMoments]) -> Optional[float]:
+    return None if m is None else float(m.var.mean())
+
+
+def output_noise_gains(gm: GraphModule, moments: dict[str, Optional[ChannelMoments]]) -> dict[str, float]:
+    """``{layer name: gain}``: the share of a relative noise at the layer's output that reaches
+    the model's output (see the module docstring). ``moments`` are
+    :func:`dfmpc_fx.graph.moments.propagate_moments`'s estimates."""
+    modules = dict(gm.named_modules())
+    nodes = list(gm.graph.nodes)
+    gain: dict[Node, float] = {n: 0.0 for n in nodes}
+    for n in nodes:
+        if n.op == "output":
+            gain[n] = 1.0
+    for n in reversed(nodes):
+        g = gain[n]
+        if g == 0.0 or n.op == "placeholder":
+            continue
+        inputs = n.all_input_nodes
+        if n.op == "call_function" or n.op == "call_method":
+            if n.target in _ADDS and len(inputs) == 2:
+                va, vb = (_mean_var(moments.get(x.name)) for x in inputs)
+                if va is not None and vb is not None and va + vb > 0:
+                    gain[inputs[0]] += g * va / (va + vb)
+                    gain[inputs[1]] += g * vb / (va + vb)
+                    continue
+        for x in inputs:
+            gain[x] += g
+    return {str(n.target): gain[n] for n in nodes
+            if n.op == "call_module" and isinstance(modules[str(n.target)], WEIGHTED_MODULES)}
