@@ -99,6 +99,30 @@ def sample_rows(c_out: int, max_rows: int) -> torch.Tensor:
     return torch.linspace(0, c_out - 1, max_rows).round().long().unique()
 
 
+class _RowReference:
+    """The float rows of one layer with what every option's ratio reuses: ``sum_k W^2``, the
+    input-weighted ``u * W`` and the output variances (see :func:`noise_to_signal`)."""
+
+    def __init__(self, weight_rows: torch.Tensor, in_var_per_weight: Optional[torch.Tensor], ref_var: Optional[torch.Tensor]):
+        self.w = weight_rows.to(torch.float64)
+        self.u = None if in_var_per_weight is None else in_var_per_weight.to(torch.float64).expand_as(self.w)
+        self.wu = self.w if self.u is None else self.w * self.u
+        self.ww = (self.w * self.w).sum(dim=1)
+        self.signal = (self.wu * self.w).sum(dim=1) if ref_var is None else ref_var.to(torch.float64)
+
+    def ratio(self, quantized_rows: torch.Tensor) -> float:
+        q = quantized_rows.to(torch.float64)
+        gamma = (q * self.w).sum(dim=1) / self.ww.clamp_min(1e-300)
+        qu = q if self.u is None else q * self.u
+        # sum_k u (q - gamma w)^2, expanded: the rows are short, the passes are what cost
+        noise = ((qu * q).sum(dim=1) - 2.0 * gamma * (q * self.wu).sum(dim=1)
+                 + gamma * gamma * (self.wu * self.w).sum(dim=1)).clamp_min(0.0)
+        ok = self.signal > 0
+        if not bool(ok.any()):
+            return 0.0
+        return float((noise[ok] / self.signal[ok]).mean())
+
+
 def noise_to_signal(
     weight_rows: torch.Tensor,
     quantized_rows: torch.Tensor,
@@ -109,18 +133,7 @@ def noise_to_signal(
     docstring). ``weight_rows``/``quantized_rows``: ``(R, K)``; ``in_var_per_weight``: ``(R, K)``
     or ``(K,)`` input variance seen by each weight (None: 1); ``ref_var``: ``(R,)`` recorded
     output variances (None: the independent-input estimate)."""
-    w = weight_rows.to(torch.float64)
-    q = quantized_rows.to(torch.float64)
-    u = torch.ones_like(w) if in_var_per_weight is None else in_var_per_weight.to(torch.float64).expand_as(w)
-    ww = (w * w).sum(dim=1)
-    gamma = (q * w).sum(dim=1) / ww.clamp_min(1e-300)
-    noise = q - gamma[:, None] * w
-    noise_var = (u * noise * noise).sum(dim=1)
-    signal = (u * w * w).sum(dim=1) if ref_var is None else ref_var.to(torch.float64)
-    ok = signal > 0
-    if not bool(ok.any()):
-        return 0.0
-    return float((noise_var[ok] / signal[ok]).mean())
+    return _RowReference(weight_rows, in_var_per_weight, ref_var).ratio(quantized_rows)
 
 
 def _pick(costs: Sequence[LayerCost], price: float) -> list[int]:
@@ -184,7 +197,7 @@ def estimate_layer(
     in_var_per_weight: Optional[torch.Tensor],
     ref_var: Optional[torch.Tensor],
     zero_point: bool,
-    max_rows: int = 32,
+    max_rows: int = 16,
 ) -> LayerCost:
     """:class:`LayerCost` of one layer: each option's size and its noise-to-signal ratio on a
     sample of rows. ``quantize(rows, option)`` returns the dequantized rows (same shape);
@@ -196,6 +209,7 @@ def estimate_layer(
     if in_var_per_weight is not None:
         u = in_var_per_weight[rows] if in_var_per_weight.dim() == 2 else in_var_per_weight
     rv = ref_var[rows] if ref_var is not None else None
+    reference = _RowReference(flat, u, rv)
     sizes, damage = [], []
     for opt in options:
         sizes.append(option_bits(opt, weight.shape, zero_point))
@@ -203,7 +217,7 @@ def estimate_layer(
             damage.append(0.0)
             continue
         q = quantize(w, opt).reshape(flat.shape)
-        damage.append(noise_to_signal(flat, q, u, rv))
+        damage.append(reference.ratio(q))
     return LayerCost(name, weight.numel(), list(options), sizes, damage)
 
 
