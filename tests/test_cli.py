@@ -337,3 +337,21 @@ def test_compress_exports_program_and_onnx_packed(workdir: Path, capsys, monkeyp
 def test_compress_rejects_unknown_format(workdir: Path, capsys, monkeypatch) -> None:
     res = run_in_process(["compress", "clinets:make", "--out", "x.ts", "--format", "tflite"], workdir, capsys, monkeypatch)
     assert res.code != 0 and "tflite" in res.err
+
+
+def test_compress_with_target_bits(tmp_path):
+    """`dfmpc compress --target-bits`: the budget reaches the config, the report and the file."""
+    from dfmpc_fx.integrations.cli import main
+
+    out = tmp_path / "m.ts"
+    report = tmp_path / "r.json"
+    rc = main(["compress", "zoo:resnet20", "--target-bits", "3.0", "--out", str(out), "--report", str(report)])
+    assert rc == 0 and out.is_file()
+    import json
+
+    data = json.loads(report.read_text())
+    assert data["config"]["target_bits"] == 3.0
+    assert data["bits_per_weight"] <= 3.0
+    assert {layer["role"] for layer in data["layers"]} == {"budget"}
+    rc = main(["compress", "zoo:resnet20", "--target-bits", "3.0", "--low-bits", "3", "--out", str(out)])
+    assert rc != 0

@@ -153,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "default: from the --out suffix (.pt2 -> program, .onnx -> onnx, else torchscript)")
     comp.add_argument("--packed", action="store_true",
                       help="store low-bit weights bit-packed (integer codes + scales, about the theoretical size)")
+    comp.add_argument("--target-bits", type=float, default=None, metavar="B",
+                      help="size budget: average bits per conv/linear weight, scales counted; the widths are chosen per layer "
+                           "(replaces --low-bits/--high-bits/--default-bits/--first-last-bits)")
+    comp.add_argument("--target-bytes", type=int, default=None, metavar="N",
+                      help="size budget as whole-model bytes (the report's compressed_bytes)")
     comp.add_argument("--low-bits", type=_bits, default=2, metavar="N", help="bits of the first layer of each pair (2-4, default 2)")
     comp.add_argument("--high-bits", type=_bits, default=6, metavar="N", help="bits of the second layer of each pair (6-8, default 6)")
     comp.add_argument("--default-bits", type=_bits_or_none, default=8, metavar="N", help="bits of layers in no pair (default 8; 'none' keeps them float)")
@@ -415,6 +420,14 @@ def cmd_pairs(args: argparse.Namespace, out: Any, err: Any) -> int:
     return EXIT_OK
 
 
+def _layout(cfg: Any) -> str:
+    if cfg.target_bits is not None:
+        return f"budget {cfg.target_bits:g} bits/w"
+    if cfg.target_bytes is not None:
+        return f"budget {cfg.target_bytes} bytes"
+    return f"MP{cfg.low_bits}/{cfg.high_bits}"
+
+
 def cmd_compress(args: argparse.Namespace, out: Any, err: Any) -> int:
     import torch
 
@@ -430,6 +443,8 @@ def cmd_compress(args: argparse.Namespace, out: Any, err: Any) -> int:
             first_last_bits=args.first_last_bits,
             method=args.method,
             compensate=not args.no_compensate,
+            target_bits=args.target_bits,
+            target_bytes=args.target_bytes,
         )
     except dfmpc_fx.ConfigError as exc:
         raise CLIError(f"bad bit widths or options: {exc}", EXIT_USAGE, hint="see dfmpc compress --help") from exc
@@ -455,7 +470,7 @@ def cmd_compress(args: argparse.Namespace, out: Any, err: Any) -> int:
         shape = args.input_shape or default_shape
         example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
         qmodel = steps.run(
-            f"compressing (MP{cfg.low_bits}/{cfg.high_bits}, {cfg.method})",
+            f"compressing ({_layout(cfg)}, {cfg.method})",
             lambda: dfmpc_fx.compress(model, cfg, leaf_modules=leaf or ()),
         )
 

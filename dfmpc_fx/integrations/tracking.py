@@ -253,7 +253,7 @@ def report_metrics(report: Any) -> dict[str, float]:
     }
     # the theoretical compressed size (bits x weights / 8 + scales + float parameters) and the
     # size of the packed artifact on disk, once one was exported
-    for key in ("theoretical_bytes", "artifact_bytes"):
+    for key in ("theoretical_bytes", "artifact_bytes", "bits_per_weight"):
         value = getattr(report, key, None)
         if value is not None:
             metrics[key] = float(value)
