@@ -377,7 +377,10 @@ def estimate_moments(gm: GraphModule, input_mean: float = 0.0, input_std: float 
                     reason = next((res.reasons[p.name] for p in parts_args if isinstance(p, Node) and p.name in res.reasons), None) \
                         or f"{desc}: along dim {dim}, or a part of unknown/scalar moments"
             elif target in _UNKNOWN_REASONS:
-                reason = f"{desc}: {_UNKNOWN_REASONS[target]}"
+                # Keep the first loss of knowledge (e.g. the attention matmul, not the
+                # transpose after it); an op that would lose it anyway names itself.
+                reason = upstream if (x is None and upstream and "permute" in _UNKNOWN_REASONS[target]) \
+                    else f"{desc}: {_UNKNOWN_REASONS[target]}"
             else:
                 reason = f"{desc}: no moments rule"
         else:
