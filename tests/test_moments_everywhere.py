@@ -299,6 +299,21 @@ def test_unknown_ops_give_reasons() -> None:
     assert set(propagate_moments(gm)) == set(est.moments)
 
 
+def test_activation_with_tensor_arguments_is_unknown() -> None:
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.bn, self.c2 = nn.Conv2d(3, 4, 1), _bn(4, 3), nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            h = self.bn(self.c1(x))
+            return self.c2(torch.clamp(h, min=h.mean()))
+
+    gm = trace_model(M().eval())
+    m, reason = layer_input_moments(gm, estimate_moments(gm))["c2"]
+    assert m is None and "non-constant" in reason
+
+
 # --- real pretrained models ----------------------------------------------------------------
 def _scripts():
     import scripts.moments_vs_data as s  # noqa: PLC0415

@@ -295,7 +295,8 @@ def estimate_moments(gm: GraphModule, input_mean: float = 0.0, input_std: float 
             act_build = (_ACTIVATION_METHODS.get(target) if method else _ACTIVATION_FUNCTIONS.get(target)) \
                 if isinstance(target, str) == method else None
             if act_build is not None:
-                fn = act_build(node)
+                consts = [a for a in list(node.args[1:]) + list(node.kwargs.values()) if not isinstance(a, (numbers.Real, str, type(None)))]
+                fn = None if consts else act_build(node)
                 if fn is None:
                     reason = f"{desc}: non-constant arguments"
                 elif x is None:
