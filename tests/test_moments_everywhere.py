@@ -361,3 +361,36 @@ def test_minilm_linear_inputs_after_layernorm_and_gelu() -> None:
     # LayerNorm's per-feature (beta, gamma^2) and GELU of the propagated Linear output: the
     # variance is several times closer than the unit fallback; the means are not better.
     assert var_err.median() < 1.0 and (var_err < fallback_var).all()
+
+
+class _ConvNeXtLike(nn.Module):
+    """dwconv -> permute to channels-last -> F.layer_norm -> Linear -> GELU -> Linear -> layer
+    scale (a parameter) -> permute back -> conv."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.dw, self.bn = nn.Conv2d(c, c, 3, padding=1, groups=c), _bn(c, 5)
+        self.ln_w, self.ln_b = nn.Parameter(torch.rand(c) + 0.5), nn.Parameter(torch.randn(c))
+        self.up, self.down = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+        self.scale = nn.Parameter(torch.rand(c, 1, 1) + 0.1)
+        self.out = nn.Conv2d(c, 2, 1)
+
+    def forward(self, x):
+        h = self.bn(self.dw(x)).permute(0, 2, 3, 1)
+        h = F.layer_norm(h, (8,), self.ln_w, self.ln_b, 1e-6)
+        h = self.down(F.gelu(self.up(h))).permute(0, 3, 1, 2)
+        return self.out(self.scale * h)
+
+
+def test_channels_last_block_with_layer_scale() -> None:
+    model = _ConvNeXtLike().eval()
+    gm = trace_model(model)
+    inputs = layer_input_moments(gm, estimate_moments(gm))
+    up = inputs["up"][0]  # LayerNorm over channels of a known per-channel input
+    ln = mm.layernorm_output_moments(model.ln_w.detach().to(D), model.ln_b.detach().to(D), 8, _bn_out(model.bn))
+    assert torch.allclose(up.mean, ln.mean) and torch.allclose(up.var, ln.var)
+    down_out = cm.layer_output_moments(model.down.weight.detach().to(D), model.down.bias.detach().to(D), inputs["down"][0])
+    ref = mm.affine_moments(down_out, model.scale.detach().to(D).reshape(-1))
+    m, src = inputs["out"]
+    assert m is not None, src
+    assert torch.allclose(m.mean, ref.mean) and torch.allclose(m.var, ref.var)

@@ -185,6 +185,49 @@ def _dims(node: Node) -> Optional[tuple[int, ...]]:
     return None
 
 
+def _constant(gm: GraphModule, arg: object) -> Optional[torch.Tensor]:
+    """The tensor behind a ``get_attr`` node (a parameter or buffer), else None."""
+    if not (isinstance(arg, Node) and arg.op == "get_attr"):
+        return None
+    obj: Any = gm
+    for part in str(arg.target).split("."):
+        obj = getattr(obj, part, None)
+    return obj.detach().to(torch.float64) if isinstance(obj, torch.Tensor) else None
+
+
+def _per_channel(t: torch.Tensor, m: ChannelMoments, layout: Optional[str]) -> Optional[torch.Tensor]:
+    """A constant operand as one value per channel of ``m``: a scalar, ``(C, 1, ..)`` for a
+    channel tensor, ``(.., C)`` for a per-feature one; None if it varies along other dims."""
+    c = m.mean.numel()
+    if t.numel() == 1:
+        return t.reshape(1)
+    if t.numel() != c:
+        return None
+    shape = [d for d in t.shape]
+    if layout == FEATURE and shape[-1] == c:
+        return t.reshape(c)
+    if layout == CHANNEL and len(shape) >= 2 and shape[0] == c:  # broadcast (C, 1, 1) against (N, C, H, W)
+        return t.reshape(c)
+    return None
+
+
+def _permuted_layout(node: Node, layout: Optional[str]) -> tuple[bool, Optional[str]]:
+    """Where a permute moves the channel (dim 1) or feature (last) dim of a 4-D tensor."""
+    dims = node.args[1:] if node.op == "call_method" else node.args[1:2]
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = tuple(dims[0])
+    if layout is None or not all(isinstance(d, int) for d in dims) or len(dims) < 3:
+        return False, None
+    dims = tuple(d % len(dims) for d in dims)
+    src = 1 if layout == CHANNEL else len(dims) - 1
+    new = dims.index(src) if src in dims else -1
+    if new == 1:
+        return True, CHANNEL
+    if new == len(dims) - 1:
+        return True, FEATURE
+    return False, None
+
+
 def _number(v: Any) -> Optional[float]:
     return float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else None
 
@@ -260,7 +303,7 @@ def estimate_moments(gm: GraphModule, input_mean: float = 0.0, input_std: float 
                     else:
                         out = cmath.layer_output_moments(_f64(mod.weight), _f64(mod.bias), xin, getattr(mod, "groups", 1))
                         layout = (FEATURE if xl == FEATURE else None) if linear else CHANNEL
-            elif isinstance(mod, nn.LayerNorm):
+            elif isinstance(mod, nn.LayerNorm) and type(mod).forward is nn.LayerNorm.forward:
                 shape = tuple(mod.normalized_shape)
                 if len(shape) != 1:
                     reason = f"{desc}: normalises over {len(shape)} dims"
@@ -318,10 +361,18 @@ def estimate_moments(gm: GraphModule, input_mean: float = 0.0, input_std: float 
                 a_arg, b_arg = node.args[0], _arg(node, 1, "other", None)
                 a, b = get(a_arg), get(b_arg)
                 na, nb = _number(a_arg), _number(b_arg)
+                # A parameter/buffer operand (ConvNeXt's layer scale): one constant per channel.
+                ta, tb = _constant(gm, a_arg), _constant(gm, b_arg)
+                if tb is not None and a is not None:
+                    nb = _per_channel(tb, a, lay(a_arg))
+                if ta is not None and b is not None:
+                    na = _per_channel(ta, b, lay(b_arg))
                 alpha = _number(node.kwargs.get("alpha", 1.0)) if target in (torch.add, torch.sub, "add", "sub", "add_", "sub_") else 1.0
                 sub = target in _SUB
                 if target in _ADD or sub:
-                    if a is not None and nb is not None:
+                    if alpha is None:
+                        reason = f"{desc}: non-constant alpha"
+                    elif a is not None and nb is not None:
                         out, layout = mm.affine_moments(a, 1.0, -nb * alpha if sub else nb * alpha), lay(a_arg)
                     elif b is not None and na is not None:
                         out, layout = mm.affine_moments(b, -alpha if sub else alpha, na), lay(b_arg)
@@ -344,7 +395,7 @@ def estimate_moments(gm: GraphModule, input_mean: float = 0.0, input_std: float 
                         out = mm.product_moments(a, b) if ok else None
                         reason = None if ok else f"{desc}: operands are per channel and per feature"
                 else:  # division: only by a constant
-                    if a is not None and nb is not None and nb != 0:
+                    if a is not None and nb is not None and bool(torch.all(torch.as_tensor(nb) != 0)):
                         out, layout = mm.affine_moments(a, 1.0 / nb), lay(a_arg)
                     elif a is not None:
                         reason = f"{desc}: division by a tensor"
@@ -377,6 +428,31 @@ def estimate_moments(gm: GraphModule, input_mean: float = 0.0, input_std: float 
                 else:
                     reason = next((res.reasons[p.name] for p in parts_args if isinstance(p, Node) and p.name in res.reasons), None) \
                         or f"{desc}: along dim {dim}, or a part of unknown/scalar moments"
+            elif target in ("permute",) or target is torch.permute:
+                ok, layout = _permuted_layout(node, xl)
+                if x is None:
+                    reason = upstream
+                elif ok:
+                    out = x  # e.g. ConvNeXt's (N, C, H, W) <-> (N, H, W, C) around LayerNorm
+                else:
+                    reason = f"{desc}: permute/transpose moves the channel dim"
+            elif target is F.layer_norm:
+                shape = _arg(node, 1, "normalized_shape", None)
+                shape = (shape,) if isinstance(shape, int) else tuple(shape) if isinstance(shape, (tuple, list)) else None
+                w_arg, b_arg = _arg(node, 2, "weight", None), _arg(node, 3, "bias", None)
+                w, b = _constant(gm, w_arg), _constant(gm, b_arg)
+                if shape is None or len(shape) != 1 or not isinstance(shape[0], int) or \
+                        (w_arg is not None and w is None) or (b_arg is not None and b is None):
+                    reason = f"{desc}: normalised shape or affine not constant / not 1-D"
+                else:
+                    inp = x if (x is not None and xl in (FEATURE, None) and x.mean.numel() == shape[0]) else None
+                    out = mm.layernorm_output_moments(w, b, shape[0], inp)
+                    layout = FEATURE
+            elif getattr(target, "__name__", "") == "stochastic_depth" and "torchvision" in getattr(target, "__module__", ""):
+                if _arg(node, 3, "training", True) is False:
+                    out, reason = x, upstream  # identity in eval mode
+                else:
+                    reason = f"{desc}: training-mode stochastic depth"
             elif target in _UNKNOWN_REASONS:
                 # Keep the first loss of knowledge (e.g. the attention matmul, not the
                 # transpose after it); an op that would lose it anyway names itself.
