@@ -304,6 +304,15 @@ def _fmt(v: Any, nd: int = 2) -> str:
     return "-" if v is None else f"{v:.{nd}f}"
 
 
+def _write_markdown(path: Path, text: str) -> None:
+    """Write BENCHMARKS.md, keeping the accuracy-per-byte section benchmarks/budget.py owns."""
+    begin, end = "<!-- budget:begin -->", "<!-- budget:end -->"
+    old = path.read_text() if path.is_file() else ""
+    if begin in old and end in old:
+        text = old[old.index(begin):old.index(end) + len(end)] + "\n\n" + text
+    path.write_text(text)
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     meta = results["meta"]
     lines = [
@@ -521,7 +530,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     if args.render_only:
         results = json.loads(Path(args.json).read_text())
-        Path(args.out).write_text(render_markdown(results))
+        _write_markdown(Path(args.out), render_markdown(results))
         plot(results, Path(args.plot))
         print(f"re-rendered {args.out} and {args.plot} from {args.json}")
         return 0
@@ -601,7 +610,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "torch": torch.__version__,
     }
     Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
-    Path(args.out).write_text(render_markdown(results))
+    _write_markdown(Path(args.out), render_markdown(results))
     plot(results, Path(args.plot))
     print(f"wrote {args.out}, {args.json}, {args.plot} in {results['meta']['total_seconds'] / 60:.1f} min")
     return 0
