@@ -94,3 +94,14 @@ def test_per_channel_path_unchanged():
                         for t in (q.codes, q.scale, q.zero_point, q.dequantize()):
                             h.update(t.contiguous().numpy().tobytes())
     assert h.hexdigest() == "99bf78b785cf41d387e1fc64364099465a3b4a21a4ccbeeb1d64c952eff7b0d5"
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_asymmetric_group_refinement_never_worse_than_min_max(bits):
+    w = torch.distributions.StudentT(3.0).sample((32, 96))
+    plain = quantize_uniform(w, bits, symmetric=False, group_size=32, refine_iters=0)
+    refined = quantize_uniform(w, bits, symmetric=False, group_size=32)
+    e0 = (plain.dequantize() - w).square().reshape(32, 3, 32).sum(-1)
+    e1 = (refined.dequantize() - w).square().reshape(32, 3, 32).sum(-1)
+    assert bool((e1 <= e0 * (1 + 1e-6)).all()) and e1.sum() < e0.sum()
+    assert torch.equal(refined.zero_point, refined.zero_point.round())  # integer zero points: an exact zero level

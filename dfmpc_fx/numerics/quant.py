@@ -120,6 +120,44 @@ def _quantize_rows(
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         zero_point = torch.round(-lo / scale).clamp(0, qmax_u)
         codes = torch.div(rows, scale[:, None]).round_().add_(zero_point[:, None]).clamp_(0, qmax_u)
+        if grouped and refine_iters:
+            codes, scale, zero_point = _refine_affine(rows, codes, scale, zero_point, qmax_u, refine_iters)
+    return codes, scale, zero_point
+
+
+def _refine_affine(
+    rows: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmax_u: int, iters: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Alternating least squares for ``w ~ s (q - z)`` with an integer zero point ``z``.
+
+    Min/max spends levels on the extremes of a row; here the affine map is refit to the codes
+    (``w ~ a q + b`` by least squares, ``z = round(-b / a)``, then the ``s`` optimal for
+    ``q - z``), codes are re-rounded, and each row keeps its best iterate (never worse than
+    min/max).
+    """
+    def err(c, s, z):
+        return (rows - (c - z[:, None]) * s[:, None]).square_().sum(dim=1)
+
+    best = err(codes, scale, zero_point)
+    for _ in range(iters):
+        qm, wm = codes.mean(dim=1), rows.mean(dim=1)
+        qc = codes - qm[:, None]
+        var = qc.square().sum(dim=1)
+        a = (qc * rows).sum(dim=1) / var.clamp_min(1e-12)
+        ok = (var > 0) & (a > 0)
+        a = torch.where(ok, a, scale)
+        z = torch.where(ok, torch.round(-(wm - a * qm) / a), zero_point).clamp(0, qmax_u)
+        d = codes - z[:, None]
+        dd = d.square().sum(dim=1)
+        s = (rows * d).sum(dim=1) / dd.clamp_min(1e-12)
+        s = torch.where((dd > 0) & (s > 0), s, a)
+        c = torch.div(rows, s[:, None]).round_().add_(z[:, None]).clamp_(0, qmax_u)
+        e = err(c, s, z)
+        better = e < best
+        codes = torch.where(better[:, None], c, codes)
+        scale = torch.where(better, s, scale)
+        zero_point = torch.where(better, z, zero_point)
+        best = torch.minimum(e, best)
     return codes, scale, zero_point
 
 
@@ -182,7 +220,8 @@ def quantize_uniform(
 
     ``group_size``: one scale (and zero point) per ``group_size`` consecutive input weights of
     each output channel (the flattened ``(C_out, K)`` row; the last group is shorter when
-    ``group_size`` does not divide K). At 2-3 bits a channel's range is set by a few outliers;
+    ``group_size`` does not divide K); asymmetric groups then refine min/max by alternating least
+    squares on (scale, integer zero point) (per-channel asymmetric stays min/max, as before). At 2-3 bits a channel's range is set by a few outliers;
     smaller groups confine each outlier's damage. Scale and zero point then have shape
     ``(C_out, G)``; requires ``per_channel``.
     """
