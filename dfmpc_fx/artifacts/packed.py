@@ -23,7 +23,8 @@ The only padding is at the end of each plane (less than one byte per plane).
 
 Dequantization is ``w = (u - weight_zero_point) * weight_scale`` broadcast over dim 0, where
 ``weight_zero_point`` is relative to the *unsigned* code (symmetric codes ``c`` are stored as
-``u = c + 2**(b-1) - 1``). Unpacking uses only ``bitwise_and`` on ``uint8``, a cast to float and
+``u = c + 2**(b-1) - 1``); a grouped layer (``group_size > 0``) stores scales of shape
+``(C, G)`` and gathers column ``j // group_size`` of them for weight column ``j``. Unpacking uses only ``bitwise_and`` on ``uint8``, a cast to float and
 multiplication by powers of two (no shifts), which TorchScript, ``torch.export`` and ONNX
 (``BitwiseAnd`` on uint8) all support; every step is exact, so the packed layer computes
 bit-for-bit the same weight as the fake-quant layer and therefore the same outputs.
