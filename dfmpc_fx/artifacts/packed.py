@@ -23,7 +23,8 @@ The only padding is at the end of each plane (less than one byte per plane).
 
 Dequantization is ``w = (u - weight_zero_point) * weight_scale`` broadcast over dim 0, where
 ``weight_zero_point`` is relative to the *unsigned* code (symmetric codes ``c`` are stored as
-``u = c + 2**(b-1) - 1``). Unpacking uses only ``bitwise_and`` on ``uint8``, a cast to float and
+``u = c + 2**(b-1) - 1``); a grouped layer (``group_size > 0``) stores scales of shape
+``(C, G)`` and gathers column ``j // group_size`` of them for weight column ``j``. Unpacking uses only ``bitwise_and`` on ``uint8``, a cast to float and
 multiplication by powers of two (no shifts), which TorchScript, ``torch.export`` and ONNX
 (``BitwiseAnd`` on uint8) all support; every step is exact, so the packed layer computes
 bit-for-bit the same weight as the fake-quant layer and therefore the same outputs.
@@ -39,6 +40,7 @@ from torch import Tensor, nn
 from torch.fx import GraphModule
 
 from ..errors import PackError
+from ..numerics.quant import expand_groups, group_count
 from ..numerics.packing import _plane_tables, _unpack, pack_codes, packed_nbytes, plane_layout, unpack_codes
 from ..transform.modules import QuantConv1d, QuantConv2d, QuantLinear
 
@@ -63,7 +65,8 @@ __all__ = [
 # --- modules ---------------------------------------------------------------------------------
 class _PackedBase(nn.Module):
     """State: ``packed`` (uint8), ``weight_scale``, ``weight_zero_point`` (unsigned-code zero
-    point, shape (C,) or (1,)), ``bias``; attributes ``w_bits``, ``role``, ``scheme``."""
+    point, shape (C,) or (1,); grouped: scale (C, G), zero point (C, G) or (1,)), ``bias``;
+    attributes ``w_bits``, ``role``, ``scheme``, ``group_size`` (0: not grouped)."""
 
     __jit_unused_properties__ = ["weight"]
 
@@ -76,12 +79,14 @@ class _PackedBase(nn.Module):
     plane_fields: List[int]
     zero_point_numel: int
     weight_requires_grad: bool
+    group_size: int
 
     def _init_packed(self, weight_shape: List[int], bits: int, role: str, scheme: str, packed: Tensor,
                      scale: Tensor, zero_point: Tensor, bias: Optional[Tensor], requires_grad: bool) -> None:
         self.w_bits = int(bits)
         self.role = str(role)
         self.scheme = str(scheme)
+        self.group_size = 0
         self.weight_shape = [int(s) for s in weight_shape]
         self.numel = int(math.prod(self.weight_shape))
         self.plane_nbytes, self.plane_fields, masks, factors = _plane_tables(self.w_bits, self.numel)
@@ -112,6 +117,7 @@ class _PackedBase(nn.Module):
     def __setstate__(self, state):
         state = dict(state)
         state["_non_persistent_buffers_set"] = set(state.get("_non_persistent_buffers_set", ()))
+        state.setdefault("group_size", 0)  # saved before grouped scales existed
         super().__setstate__(state)
 
     def dequantize_weight(self) -> Tensor:
@@ -119,7 +125,14 @@ class _PackedBase(nn.Module):
         codes = _unpack(self.packed, self.plane_nbytes, self.plane_fields, self.plane_mask, self.plane_factor,
                         self.numel)
         w = codes.reshape([self.weight_shape[0], -1])
-        w = (w - self.weight_zero_point.unsqueeze(1)) * self.weight_scale.unsqueeze(1)
+        if self.group_size > 0:
+            # group j // group_size of each row: a gather, no padded codes for a short last group
+            idx = torch.div(torch.arange(w.shape[1], device=w.device), self.group_size, rounding_mode="floor")
+            zp = self.weight_zero_point
+            zp = zp.index_select(1, idx) if zp.dim() == 2 else zp.unsqueeze(1)
+            w = (w - zp) * self.weight_scale.index_select(1, idx)
+        else:
+            w = (w - self.weight_zero_point.unsqueeze(1)) * self.weight_scale.unsqueeze(1)
         return w.reshape(self.weight_shape)
 
     @property
@@ -131,7 +144,8 @@ class _PackedBase(nn.Module):
         return unpack_codes(self.packed, self.w_bits, self.numel).reshape(self.weight_shape)
 
     def quant_repr(self) -> str:
-        return f"w_bits={self.w_bits}, role={self.role}, scheme={self.scheme}, packed_bytes={self.packed.numel()}"
+        g = f", group_size={self.group_size}" if self.group_size > 0 else ""
+        return f"w_bits={self.w_bits}, role={self.role}, scheme={self.scheme}{g}, packed_bytes={self.packed.numel()}"
 
 
 class _PackedConvNd(_PackedBase):
@@ -222,10 +236,22 @@ def pack_module(layer: nn.Module, name: str = "layer") -> nn.Module:
     scale = layer.weight_scale.detach().to(weight.dtype).reshape(-1)
     zero_point = layer.weight_zero_point.detach().to(weight.dtype).reshape(-1)
     c_out = weight.shape[0]
-    if scale.numel() not in (1, c_out) or zero_point.numel() not in (1, c_out):
-        raise PackError(f"{name}: weight_scale/weight_zero_point must have 1 or {c_out} entries")
-    shape = (-1,) + (1,) * (weight.dim() - 1)
-    signed = torch.round(weight / scale.view(shape) + zero_point.view(shape))
+    group_size = getattr(layer, "group_size", None)
+    if group_size is not None:
+        k = weight[0].numel()
+        n_scales = c_out * group_count(k, group_size)
+        if scale.numel() != n_scales or zero_point.numel() != n_scales:
+            raise PackError(f"{name}: grouped weight_scale/weight_zero_point must have {n_scales} entries "
+                            f"({c_out} channels x ceil({k}/{group_size}) groups)")
+        scale, zero_point = scale.reshape(c_out, -1), zero_point.reshape(c_out, -1)
+        rows = weight.reshape(c_out, -1)
+        signed = torch.round(rows / expand_groups(scale, k, group_size) + expand_groups(zero_point, k, group_size))
+        signed = signed.reshape(weight.shape)
+    else:
+        if scale.numel() not in (1, c_out) or zero_point.numel() not in (1, c_out):
+            raise PackError(f"{name}: weight_scale/weight_zero_point must have 1 or {c_out} entries")
+        shape = (-1,) + (1,) * (weight.dim() - 1)
+        signed = torch.round(weight / scale.view(shape) + zero_point.view(shape))
     offset = _code_offset(scheme, bits)
     unsigned = signed + offset
     lo, hi = float(unsigned.min()), float(unsigned.max())
@@ -238,9 +264,13 @@ def pack_module(layer: nn.Module, name: str = "layer") -> nn.Module:
         new._init_linear(layer)
     else:
         new._init_conv(layer)
+    zp_stored = _as_compact(zero_point + offset)
+    if group_size is not None and zp_stored.numel() > 1:
+        zp_stored = zp_stored.reshape(scale.shape)
     new._init_packed(list(weight.shape), bits, getattr(layer, "role", "default"), scheme, packed, scale,
-                     _as_compact(zero_point + offset), layer.bias, layer.weight.requires_grad)
+                     zp_stored, layer.bias, layer.weight.requires_grad)
     new.zero_point_numel = int(zero_point.numel())
+    new.group_size = 0 if group_size is None else int(group_size)
     new.train(layer.training)
     rebuilt = new.dequantize_weight()
     if not torch.equal(rebuilt, weight):
@@ -265,8 +295,12 @@ def unpack_module(layer: nn.Module) -> nn.Module:
     scale = layer.weight_scale.detach()
     zp = layer.weight_zero_point.detach() - offset
     if zp.numel() != layer.zero_point_numel:  # the packed form stores equal zero points once
-        zp = zp.expand(layer.zero_point_numel).clone()
-    qw = QuantizedWeight(codes=torch.empty(0), scale=scale, zero_point=zp, bits=layer.w_bits, scheme=layer.scheme)
+        zp = zp.reshape(-1).expand(layer.zero_point_numel).clone()
+    group_size = int(getattr(layer, "group_size", 0)) or None
+    if group_size is not None:
+        zp = zp.reshape(scale.shape)
+    qw = QuantizedWeight(codes=torch.empty(0), scale=scale, zero_point=zp, bits=layer.w_bits, scheme=layer.scheme,
+                         group_size=group_size)
     has_bias = layer.bias is not None
     grad = layer.weight_requires_grad
     if cls is QuantLinear:

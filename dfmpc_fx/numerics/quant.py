@@ -8,6 +8,7 @@ The fake-quant weight a module holds is exactly that dequantized tensor, so a pa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -17,6 +18,9 @@ __all__ = [
     "quantize_ternary_twn",
     "quantize_dorefa",
     "fake_quantize_weight",
+    "scale_overhead_bits",
+    "group_count",
+    "expand_groups",
 ]
 
 
@@ -25,7 +29,9 @@ class QuantizedWeight:
     """Integer codes plus the affine map back to float.
 
     ``scale`` and ``zero_point`` have shape ``(C,)`` for per-channel quantizers (C = output
-    channels, dim 0 of the weight) or ``(1,)`` for per-tensor ones.
+    channels, dim 0 of the weight), ``(1,)`` for per-tensor ones, or ``(C, G)`` when grouped
+    (``group_size`` consecutive weights of the flattened ``(C, K)`` row share one; G =
+    ceil(K / group_size)).
     """
 
     codes: torch.Tensor  # integer-valued, in the weight's float dtype (no conversion passes)
@@ -33,8 +39,17 @@ class QuantizedWeight:
     zero_point: torch.Tensor
     bits: int
     scheme: str  # "symmetric", "asymmetric", "ternary", "dorefa"
+    group_size: Optional[int] = None  # input weights per scale; None: one scale per channel
 
     def dequantize(self) -> torch.Tensor:
+        if self.group_size is not None:
+            rows = self.codes.reshape(self.codes.shape[0], -1)
+            k = rows.shape[1]
+            scale = expand_groups(self.scale, k, self.group_size)
+            if self.scheme in ("symmetric", "ternary"):
+                return (rows * scale).reshape(self.codes.shape)
+            zp = expand_groups(self.zero_point, k, self.group_size)
+            return ((rows - zp) * scale).reshape(self.codes.shape)
         shape = (-1,) + (1,) * (self.codes.dim() - 1)
         if self.scheme in ("symmetric", "ternary"):  # zero point is 0: one pass
             return self.codes * self.scale.view(shape)
@@ -65,30 +80,10 @@ def _check_weight(w: torch.Tensor, bits: int) -> None:
         raise ValueError(f"bits={bits} out of range 2..16")
 
 
-def quantize_uniform(
-    w: torch.Tensor,
-    bits: int,
-    *,
-    per_channel: bool = True,
-    symmetric: bool = True,
-    refine_iters: int | None = None,
-) -> QuantizedWeight:
-    """Uniform quantizer with a zero level.
-
-    Symmetric uses the narrow signed range ``[-(2^(b-1)-1), 2^(b-1)-1]`` (2 bits is ternary);
-    asymmetric uses ``[0, 2^b-1]`` with a per-row zero point from min/max.
-
-    For symmetric low bit widths the max-abs scale wastes most levels on outliers, so the scale
-    starts from the MSE-optimal step for a Gaussian of the row's spread and is refined by
-    alternating least squares (codes for a scale, then the scale that is optimal for those codes,
-    ``s = <w,q>/<q,q>``), which never increases the squared error. By default this runs 2
-    iterations for <= 4 bits and none above (max-abs is near optimal there and the refinement
-    would cost time on most of a model's weights).
-    """
-    _check_weight(w, bits)
-    rows = _per_channel_view(w.detach(), per_channel)
-    if refine_iters is None:
-        refine_iters = 2 if bits <= 4 else 0
+def _quantize_rows(
+    rows: torch.Tensor, bits: int, symmetric: bool, refine_iters: int, grouped: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes, scale and zero point of each row of ``rows`` (one scale per row)."""
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
         if bits in _GAUSSIAN_STEP:
@@ -103,6 +98,10 @@ def quantize_uniform(
             # max |w| as max(max w, -min w): two plain reductions are 3x faster here than
             # |w| then max, and 10x faster than aminmax along a dim
             scale = torch.maximum(rows.amax(dim=1), rows.amin(dim=1).neg()) / qmax
+        # a 1-weight group has std 0: start from max-abs there (else its scale would be 1);
+        # grouped only, so the per-channel path stays as it was
+        if grouped and bits in _GAUSSIAN_STEP and rows.shape[1] == 1:
+            scale = rows[:, 0].abs() / qmax
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         codes = torch.div(rows, scale[:, None]).round_()
         if bits in _GAUSSIAN_STEP:
@@ -113,7 +112,6 @@ def quantize_uniform(
             scale = torch.where((qq > 0) & (new_scale > 0), new_scale, scale)
             torch.div(rows, scale[:, None], out=codes).round_().clamp_(-qmax, qmax)
         zero_point = torch.zeros_like(scale)
-        scheme = "symmetric"
     else:
         qmax_u = 2**bits - 1
         lo = rows.amin(dim=1).clamp(max=0.0)
@@ -122,13 +120,141 @@ def quantize_uniform(
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         zero_point = torch.round(-lo / scale).clamp(0, qmax_u)
         codes = torch.div(rows, scale[:, None]).round_().add_(zero_point[:, None]).clamp_(0, qmax_u)
-        scheme = "asymmetric"
+        if grouped and refine_iters:
+            codes, scale, zero_point = _refine_affine(rows, codes, scale, zero_point, qmax_u, refine_iters)
+    return codes, scale, zero_point
+
+
+def _refine_affine(
+    rows: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmax_u: int, iters: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Alternating least squares for ``w ~ s (q - z)`` with an integer zero point ``z``.
+
+    Min/max spends levels on the extremes of a row; here the affine map is refit to the codes
+    (``w ~ a q + b`` by least squares, ``z = round(-b / a)``, then the ``s`` optimal for
+    ``q - z``), codes are re-rounded, and each row keeps its best iterate (never worse than
+    min/max).
+    """
+    def err(c, s, z):
+        return (rows - (c - z[:, None]) * s[:, None]).square_().sum(dim=1)
+
+    best = err(codes, scale, zero_point)
+    for _ in range(iters):
+        qm, wm = codes.mean(dim=1), rows.mean(dim=1)
+        qc = codes - qm[:, None]
+        var = qc.square().sum(dim=1)
+        a = (qc * rows).sum(dim=1) / var.clamp_min(1e-12)
+        ok = (var > 0) & (a > 0)
+        a = torch.where(ok, a, scale)
+        z = torch.where(ok, torch.round(-(wm - a * qm) / a), zero_point).clamp(0, qmax_u)
+        d = codes - z[:, None]
+        dd = d.square().sum(dim=1)
+        s = (rows * d).sum(dim=1) / dd.clamp_min(1e-12)
+        s = torch.where((dd > 0) & (s > 0), s, a)
+        c = torch.div(rows, s[:, None]).round_().add_(z[:, None]).clamp_(0, qmax_u)
+        e = err(c, s, z)
+        better = e < best
+        codes = torch.where(better[:, None], c, codes)
+        scale = torch.where(better, s, scale)
+        zero_point = torch.where(better, z, zero_point)
+        best = torch.minimum(e, best)
+    return codes, scale, zero_point
+
+
+def group_count(k: int, group_size: Optional[int]) -> int:
+    """Groups of one output channel's ``k`` input weights (the last one may be shorter)."""
+    if group_size is None:
+        return 1
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int or None, got {group_size!r}")
+    return -(-k // group_size)
+
+
+def expand_groups(t: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
+    """Per-group values ``(C, G)`` repeated over their input weights: ``(C, k)``.
+
+    An index gather (``t[:, j // group_size]``) rather than padding, so a shorter last group
+    needs no padded codes; the packed modules compute the same gather in ``forward``.
+    """
+    idx = torch.div(torch.arange(k, device=t.device), group_size, rounding_mode="floor")
+    return t.reshape(t.shape[0], -1).index_select(1, idx)
+
+
+def scale_overhead_bits(numel: int, c_out: int, group_size: Optional[int], scheme: str) -> int:
+    """Bits that the scales and zero points of one layer cost.
+
+    One 32-bit float scale per group (a row of ``group_size`` input weights of one output
+    channel; the whole channel when ``group_size`` is None; pass ``c_out=1`` for per-tensor)
+    plus a 32-bit float zero point for the schemes whose zero point is not constant
+    (``asymmetric``, ``dorefa``). Float32 because that is what the modules and the packed
+    artifacts store (the buffers take the weight's float32 dtype) and what
+    ``compress``'s size report counts.
+    """
+    if c_out < 1 or numel % c_out:
+        raise ValueError(f"numel={numel} is not a multiple of c_out={c_out}")
+    n_scales = c_out * group_count(numel // c_out, group_size)
+    per_scale = 64 if scheme in ("asymmetric", "dorefa") else 32
+    return n_scales * per_scale
+
+
+def quantize_uniform(
+    w: torch.Tensor,
+    bits: int,
+    *,
+    per_channel: bool = True,
+    symmetric: bool = True,
+    refine_iters: int | None = None,
+    group_size: Optional[int] = None,
+) -> QuantizedWeight:
+    """Uniform quantizer with a zero level.
+
+    Symmetric uses the narrow signed range ``[-(2^(b-1)-1), 2^(b-1)-1]`` (2 bits is ternary);
+    asymmetric uses ``[0, 2^b-1]`` with a per-row zero point from min/max.
+
+    For symmetric low bit widths the max-abs scale wastes most levels on outliers, so the scale
+    starts from the MSE-optimal step for a Gaussian of the row's spread and is refined by
+    alternating least squares (codes for a scale, then the scale that is optimal for those codes,
+    ``s = <w,q>/<q,q>``), which never increases the squared error. By default this runs 2
+    iterations for <= 4 bits and none above (max-abs is near optimal there and the refinement
+    would cost time on most of a model's weights).
+
+    ``group_size``: one scale (and zero point) per ``group_size`` consecutive input weights of
+    each output channel (the flattened ``(C_out, K)`` row; the last group is shorter when
+    ``group_size`` does not divide K); asymmetric groups then refine min/max by alternating least
+    squares on (scale, integer zero point) (per-channel asymmetric stays min/max, as before). At 2-3 bits a channel's range is set by a few outliers;
+    smaller groups confine each outlier's damage. Scale and zero point then have shape
+    ``(C_out, G)``; requires ``per_channel``.
+    """
+    _check_weight(w, bits)
+    if refine_iters is None:
+        refine_iters = 2 if bits <= 4 else 0
+    if group_size is None:
+        rows = _per_channel_view(w.detach(), per_channel)
+        codes, scale, zero_point = _quantize_rows(rows, bits, symmetric, refine_iters)
+    else:
+        if not per_channel:
+            raise ValueError("group_size needs per_channel=True (groups split each output channel)")
+        rows = w.detach().reshape(w.shape[0], -1)
+        c, k = rows.shape
+        n_groups = group_count(k, group_size)
+        full = k // group_size  # groups of exactly group_size weights
+        parts = []
+        if full:
+            parts.append(_quantize_rows(rows[:, : full * group_size].reshape(c * full, group_size), bits, symmetric,
+                                        refine_iters, grouped=True))
+        if full < n_groups:  # the shorter last group
+            parts.append(_quantize_rows(rows[:, full * group_size:].contiguous(), bits, symmetric, refine_iters,
+                                        grouped=True))
+        codes = torch.cat([p[0].reshape(c, -1) for p in parts], dim=1)
+        scale = torch.cat([p[1].reshape(c, -1) for p in parts], dim=1)
+        zero_point = torch.cat([p[2].reshape(c, -1) for p in parts], dim=1)
     return QuantizedWeight(
         codes=codes.reshape(w.shape),
         scale=scale.to(w.dtype),
         zero_point=zero_point.to(w.dtype),
         bits=bits,
-        scheme=scheme,
+        scheme="symmetric" if symmetric else "asymmetric",
+        group_size=group_size,
     )
 
 
@@ -188,22 +314,30 @@ def fake_quantize_weight(
     *,
     scheme: str = "symmetric",
     per_channel: bool = True,
+    group_size: Optional[int] = None,
 ) -> torch.Tensor:
     """Quantize then dequantize ``w``: the float tensor a fake-quant layer computes with.
 
     ``scheme`` is one of ``symmetric``, ``asymmetric``, ``ternary`` (2 bits only), ``dorefa``.
     """
-    return quantize_weight(w, bits, scheme=scheme, per_channel=per_channel).dequantize()
+    return quantize_weight(w, bits, scheme=scheme, per_channel=per_channel, group_size=group_size).dequantize()
 
 
 def quantize_weight(
-    w: torch.Tensor, bits: int, *, scheme: str = "symmetric", per_channel: bool = True
+    w: torch.Tensor,
+    bits: int,
+    *,
+    scheme: str = "symmetric",
+    per_channel: bool = True,
+    group_size: Optional[int] = None,
 ) -> QuantizedWeight:
-    """Dispatch to the quantizer named by ``scheme``."""
+    """Dispatch to the quantizer named by ``scheme``; ``group_size`` is for the uniform ones."""
     if scheme == "symmetric":
-        return quantize_uniform(w, bits, per_channel=per_channel, symmetric=True)
+        return quantize_uniform(w, bits, per_channel=per_channel, symmetric=True, group_size=group_size)
     if scheme == "asymmetric":
-        return quantize_uniform(w, bits, per_channel=per_channel, symmetric=False)
+        return quantize_uniform(w, bits, per_channel=per_channel, symmetric=False, group_size=group_size)
+    if group_size is not None:
+        raise ValueError(f"group_size is supported by the symmetric and asymmetric schemes, not {scheme!r}")
     if scheme == "ternary":
         if bits != 2:
             raise ValueError(f"ternary quantization is 2-bit, got bits={bits}")

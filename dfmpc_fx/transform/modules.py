@@ -4,6 +4,7 @@ Their ``forward`` is the parent's, so the compressed model runs as fast as the f
 scripts to TorchScript without this package; the bit width and role show in ``print(model)``,
 and the per-channel scales and zero points travel as buffers (enough to rebuild integer codes).
 """
+import math
 from typing import Optional
 
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 
 from ..numerics.quant import QuantizedWeight
 
-__all__ = ["QuantConv1d", "QuantConv2d", "QuantLinear", "QUANT_MODULES", "to_quant_module"]
+__all__ = ["QuantConv1d", "QuantConv2d", "QuantLinear", "QUANT_MODULES", "to_quant_module", "quantized_layer_bytes"]
 
 
 class _QuantMixin:
@@ -21,11 +22,14 @@ class _QuantMixin:
         self.w_bits = int(qw.bits)
         self.role = role
         self.scheme = qw.scheme
+        # input weights per scale (scales of shape (C_out, G)); None: per channel / per tensor
+        self.group_size = None if qw.group_size is None else int(qw.group_size)
         self.register_buffer("weight_scale", qw.scale.detach().clone())  # type: ignore[attr-defined]
         self.register_buffer("weight_zero_point", qw.zero_point.detach().clone())  # type: ignore[attr-defined]
 
     def quant_repr(self) -> str:
-        return f"w_bits={self.w_bits}, role={self.role}, scheme={self.scheme}"
+        s = f"w_bits={self.w_bits}, role={self.role}, scheme={self.scheme}"
+        return s if getattr(self, "group_size", None) is None else s + f", group_size={self.group_size}"
 
 
 class QuantConv1d(_QuantMixin, nn.Conv1d):
@@ -70,3 +74,17 @@ def to_quant_module(
     new._set_quant(qw, role)
     new.train(layer.training)
     return new
+
+
+def quantized_layer_bytes(module: nn.Module) -> int:
+    """Theoretical bytes of one quantized layer's weight: ``ceil(bits * numel / 8)`` plus 4 bytes
+    per stored scale and, for schemes with a varying zero point (asymmetric, dorefa), 4 per zero
+    point. Counts the buffers the module holds (float32, shape (C,), (1,) or (C, G)), so grouped
+    and per-channel layers are sized alike; bias is not included. Accepts Quant* and Packed*
+    modules (a packed layer's ``packed`` buffer is this codes term, up to per-plane padding)."""
+    bits, scheme = int(module.w_bits), str(module.scheme)
+    numel = int(module.numel) if hasattr(module, "numel") and isinstance(module.numel, int) else module.weight.numel()
+    total = math.ceil(bits * numel / 8) + 4 * module.weight_scale.numel()
+    if scheme in ("asymmetric", "dorefa"):
+        total += 4 * module.weight_zero_point.numel()
+    return int(total)
