@@ -27,6 +27,7 @@ from .pairs import (
     HOMOGENEOUS_MODULES,
     WEIGHTED_MODULES,
 )
+from .tracing import is_batchnorm_act, own_forward
 
 _PASS_THROUGH_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.MaxPool1d, nn.MaxPool2d,
                          nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
@@ -85,6 +86,13 @@ def propagate_moments(gm: GraphModule, input_mean: float = 0.0, input_std: float
                 out = cmath.batchnorm_output_moments(_f64(mod.weight) if mod.affine else None,
                                                      _f64(mod.bias) if mod.affine else None,
                                                      _f64(mod.running_var), mod.eps)
+                if is_batchnorm_act(mod):  # BatchNorm fused with its activation
+                    act = mod.act
+                    out = (cmath.relu_moments(out) if isinstance(act, nn.ReLU) else
+                           cmath.leaky_relu_moments(out, act.negative_slope) if isinstance(act, nn.LeakyReLU) else
+                           out if isinstance(act, nn.Identity) else None)
+            elif isinstance(mod, WEIGHTED_MODULES) and own_forward(mod):
+                out = None  # its forward transforms the weight or the input: unknown moments
             elif isinstance(mod, WEIGHTED_MODULES) and x is not None:
                 size = mod.in_features if isinstance(mod, nn.Linear) else mod.in_channels
                 xin = cmath.expand_moments(x, size)

@@ -22,13 +22,13 @@ from ..numerics import compensation as cmath
 from ..graph.bits import FLOAT, BitPlan, assign_bits
 from ..numerics.compensation import ChannelMoments
 from ..config import DFMPCConfig
-from ..errors import ConfigError, InvalidModelError
-from .modules import QUANT_MODULES, to_quant_module
+from ..errors import CompressedModelError, ConfigError, InvalidModelError
+from .modules import is_quant_module, to_quant_module
 from ..graph.moments import propagate_moments
 from ..graph.pairs import BATCHNORM_MODULES, WEIGHTED_MODULES, _consumers, search_graph
 from ..numerics.quant import QuantizedWeight, quantize_weight
-from .report import REPORT_KEY, CompressionReport, LayerReport
-from ..graph.tracing import LeafSpec, trace_model
+from .report import REPORT_KEY, CompressionReport, LayerReport, get_report
+from ..graph.tracing import LeafSpec, structural_copy, trace_model
 
 __all__ = ["compress", "swap_compressed_modules", "NoCompensablePairWarning"]
 
@@ -81,11 +81,9 @@ def _copy_sharing_layer_weights(model: nn.Module) -> nn.Module:
     Those weights are only read and are then replaced by new tensors (quantized, or cloned for
     layers kept in float), so copying them first would only cost time and memory.
     """
-    memo: dict[int, Any] = {}
-    for mod in model.modules():
-        if isinstance(mod, WEIGHTED_MODULES) and isinstance(mod.weight, nn.Parameter):
-            memo[id(mod.weight)] = mod.weight
-    return copy.deepcopy(model, memo)
+    keep = [mod.weight for mod in model.modules()
+            if isinstance(mod, WEIGHTED_MODULES) and isinstance(mod.weight, nn.Parameter)]
+    return structural_copy(model, copy_tensors=True, keep=keep)
 
 
 def _is_plain_torch_leaf(mod: nn.Module) -> bool:
@@ -125,15 +123,17 @@ def _traced_working_copy(
     """A GraphModule of ``model`` in eval mode that shares nothing with ``model`` but the
     conv/linear weights (only read, then replaced).
 
-    A model already in eval mode is traced as it is (symbolic tracing only reads it) and then
-    only the modules and tensors the graph uses are copied, leaf by leaf; that skips
+    A model already in eval mode is traced as a structural copy (modules and Python state
+    copied, tensors shared: tracing only reads tensors) and then only the modules and tensors the graph uses are copied, leaf by leaf; that skips
     ``copy.deepcopy`` of the whole model, a tenth of the compress time of a ResNet-50. A model
     with any submodule in train mode is deep-copied and set to eval first, since ``forward``
     code may branch on ``self.training`` while being traced.
     """
     if any(m.training for m in model.modules()):
         return trace_model(_copy_sharing_layer_weights(model).eval(), concrete_args, leaf_modules)
-    gm = trace_model(model, concrete_args, leaf_modules)
+    # A structural copy (tensors shared): forward code that caches on ``self`` while traced
+    # (timm's attention-bias cache) writes into the copy, not into the user's model.
+    gm = trace_model(structural_copy(model), concrete_args, leaf_modules)
     shared = {id(m.weight) for m in model.modules()
               if isinstance(m, WEIGHTED_MODULES) and isinstance(m.weight, nn.Parameter)}
     copies: set[int] = set()
@@ -171,24 +171,105 @@ def _float_bytes(model: nn.Module) -> int:
     return total
 
 
+_KEPT_BY_PLAN = "kept in float by the bit plan (skip_layers, or default_bits=None)"
+_FUNCTIONAL = "weight used through a functional call (get_attr), kept in float"
+_NOT_REACHED = "not reached by forward"
+
+
+class _BareLayer(nn.Module):
+    """Container that lets a bare conv/linear layer be traced (the root itself cannot be a leaf)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+def _account_all_layers(model: nn.Module, gm: GraphModule, reports: list[LayerReport]) -> list[LayerReport]:
+    """One report per conv/linear module of ``model``, in its module order: the layers
+    ``compress`` saw, and those it could not (weight read via ``get_attr``, inside a declared
+    leaf, never called), kept in float with the reason."""
+    by_name = {r.name: r for r in reports}
+    for r in reports:
+        if r.bits is None and r.reason is None:
+            r.reason = _KEPT_BY_PLAN
+    attrs = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    out: list[LayerReport] = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, WEIGHTED_MODULES) or not isinstance(getattr(mod, "weight", None), torch.Tensor):
+            continue
+        if name in by_name:
+            out.append(by_name.pop(name))
+            continue
+        leaf = next((c for c in called if name.startswith(c + ".")), None)
+        if any(a.startswith(name + ".") for a in attrs):
+            reason = _FUNCTIONAL
+        elif leaf is not None:
+            reason = f"inside {leaf!r}, traced as one call (leaf module), kept in float"
+        else:
+            reason = _NOT_REACHED
+        out.append(LayerReport(name=name, kind=type(mod).__name__, role="float", bits=None,
+                               numel=mod.weight.numel(), reason=reason))
+    return out + list(by_name.values())
+
+
+def _check_runs(qmodel: nn.Module, example_inputs: Any) -> None:
+    """Run ``qmodel`` once so that a compressed model that cannot run fails here, typed."""
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    try:
+        with torch.no_grad():
+            qmodel(*args)
+    except Exception as exc:
+        raise CompressedModelError(
+            f"the compressed {type(qmodel).__name__} failed on example_inputs: {type(exc).__name__}: {exc}. "
+            "Keep the failing layer in float (skip_layers=[...]) or opaque (leaf_modules=[...]), and report it"
+        ) from exc
+
+
 def compress(
     model: nn.Module,
     config: Optional[DFMPCConfig] = None,
     *,
     concrete_args: Optional[dict[str, Any]] = None,
     leaf_modules: Iterable[LeafSpec] = (),
+    example_inputs: Any = None,
+    output: str = "graph",
     **overrides: Any,
-) -> GraphModule:
+) -> nn.Module:
     """Compress ``model`` with DF-MPC and return a mixed-precision ``torch.fx.GraphModule``.
 
-    The input model is never modified (it is deep-copied; BatchNorm in train mode is read from
+    The input model is never modified (a copy is traced; BatchNorm in train mode is read from
     an eval-mode copy's running statistics). Keyword ``overrides`` replace config fields, e.g.
     ``compress(model, low_bits=3)``. :func:`dfmpc_fx.get_report` reads what was done.
+
+    ``output="module"`` returns instead a deep copy of ``model`` (in eval mode) with the
+    compressed layers and BatchNorms swapped in: its own ``forward`` and signature stay
+    (a GraphModule traced with ``concrete_args`` loses those arguments), so it can replace the
+    original anywhere. A bare conv/linear layer comes back as its compressed layer.
+    ``example_inputs`` (a tensor or a tuple of arguments): the result is run once on it.
 
     Raises:
         ConfigError: invalid configuration. TraceError: the model does not trace (the message
         names the code and the remedies). InvalidModelError: NaN/Inf weights, or no conv/linear.
+        CompressedModelError: the result failed on ``example_inputs``.
     """
+    if output not in ("graph", "module"):
+        raise ConfigError(f"output must be 'graph' (a GraphModule) or 'module' (the model's own class), got {output!r}")
+    if isinstance(model, WEIGHTED_MODULES) and not isinstance(model, GraphModule):
+        # The root cannot be a leaf of its own trace: compress it inside a container.
+        wrapped = compress(_BareLayer(model), config, leaf_modules=leaf_modules, **overrides)
+        layer = wrapped.layer
+        report = get_report(wrapped)
+        for r in report.layers:
+            r.name = r.name.partition(".")[2]  # "layer" -> "" (the root, as in named_modules())
+            r.partner = r.partner.partition(".")[2] if r.partner else r.partner
+        layer.dfmpc_report = report.to_dict()
+        if example_inputs is not None:
+            _check_runs(layer, example_inputs)
+        return layer
     if config is not None and not isinstance(config, DFMPCConfig):
         raise ConfigError(f"config must be a DFMPCConfig, got {type(config).__name__}")
     cfg = config or DFMPCConfig()
@@ -217,13 +298,18 @@ def compress(
 
     moments = propagate_moments(gm, cfg.input_mean, cfg.input_std) if cfg.method == "dfmpc" else {}
     layer_reports = _quantize_layers(gm, plan, search.layers, moments, cfg, report_warnings)
+    layer_reports = _account_all_layers(model, gm, layer_reports)
     gm.eval()
     compressed_bytes = _compressed_bytes(gm)
+    active = plan.active_pairs if cfg.compensate else []
+    excluded = [f"{p.first} -> {p.second}: {why}" for p, why in plan.excluded_pairs]
+    if not cfg.compensate:
+        excluded += [f"{p.first} -> {p.second}: compensate=False" for p in plan.active_pairs]
     report = CompressionReport(
         config=cfg.to_dict(),
         layers=layer_reports,
-        pairs=[p.describe() for p in plan.active_pairs] if cfg.compensate else [],
-        excluded_pairs=[f"{p.first} -> {p.second}: {why}" for p, why in plan.excluded_pairs],
+        pairs=[p.describe() for p in active],
+        excluded_pairs=excluded,
         refusals=[{"layer": r.first, "reason": r.reason, "detail": r.detail} for r in search.refusals],
         float_bytes=float_bytes,
         compressed_bytes=compressed_bytes,
@@ -233,7 +319,14 @@ def compress(
         theoretical_bytes=compressed_bytes,
     )
     gm.meta[REPORT_KEY] = report.to_dict()
-    return gm
+    result: nn.Module = gm
+    if output == "module":
+        result = structural_copy(model, copy_tensors=True).eval()
+        swap_compressed_modules(result, gm)
+        setattr(result, REPORT_KEY, report.to_dict())
+    if example_inputs is not None:
+        _check_runs(result, example_inputs)
+    return result
 
 
 def _quantize_layers(
@@ -419,7 +512,7 @@ def _compressed_bytes(gm: GraphModule) -> int:
     total = 0.0
     counted: set[int] = set()
     for mod in gm.modules():
-        if type(mod) in QUANT_MODULES.values():
+        if is_quant_module(mod):
             total += math.ceil(mod.w_bits * mod.weight.numel() / 8)
             total += 4 * mod.weight_scale.numel()
             if mod.scheme in ("asymmetric", "dorefa"):
@@ -438,8 +531,6 @@ def swap_compressed_modules(target: nn.Module, qmodel: GraphModule) -> list[str]
     its ``forward`` is untouched; only layers (-> ``Quant*``) and BatchNorms (corrected
     statistics) are replaced. Returns the swapped names.
     """
-    from .report import get_report
-
     report = get_report(qmodel)
     names: list[str] = []
     q_modules = dict(qmodel.named_modules())

@@ -28,6 +28,7 @@ class LayerReport:
     degenerate_channels: int = 0  # all-zero quantized channels given c = 1
     mean_shift: Optional[float] = None  # mean |E[(Q-W)x]| corrected, in units of the output std
     partner: Optional[str] = None
+    reason: Optional[str] = None  # why the layer is kept in float (bits None)
 
 
 @dataclass
@@ -114,6 +115,10 @@ def get_report(qmodel: nn.Module) -> CompressionReport:
     """The :class:`CompressionReport` that :func:`dfmpc_fx.compress` stored on ``qmodel``."""
     meta = getattr(qmodel, "meta", None)
     if not isinstance(meta, dict) or REPORT_KEY not in meta:
+        # a module returned by compress(..., output="module"), or a compressed bare layer
+        meta = getattr(qmodel, REPORT_KEY, None)
+        meta = {REPORT_KEY: meta} if isinstance(meta, dict) else None
+    if meta is None:
         raise DFMPCError(
             f"{type(qmodel).__name__} carries no DF-MPC report: pass the GraphModule returned by "
             "dfmpc_fx.compress (or one loaded with dfmpc_fx.load)"
