@@ -268,3 +268,15 @@ def test_timm_batchnorm_act_is_a_batchnorm_with_its_activation() -> None:
         model = nn.Sequential(nn.Conv2d(3, 8, 3), BatchNormAct2d(8, act_layer=act), nn.Conv2d(8, 4, 3)).eval()
         search = find_compensable_pairs(model)
         assert (len(search.pairs) == 1) is pairs
+
+
+def test_cli_takes_timm_specs(capsys: pytest.CaptureFixture) -> None:
+    _timm()
+    from dfmpc_fx.integrations import cli
+
+    assert cli.main(["pairs", "timm:resnet18"]) == 0
+    assert "layer1.0.conv1" in capsys.readouterr().out
+    assert cli.main(["pairs", "timm:resnet19000"]) != 0
+    assert "timm has no model" in capsys.readouterr().err
+    model, shape = cli.build_model("timm:mobilenetv2_035")
+    assert shape == (1, 3, 224, 224)

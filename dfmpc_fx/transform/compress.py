@@ -216,6 +216,40 @@ def _account_all_layers(model: nn.Module, gm: GraphModule, reports: list[LayerRe
     return out + list(by_name.values())
 
 
+def _quantize_inside_leaves(gm: GraphModule, seen: Iterable[str], cfg: DFMPCConfig) -> list[LayerReport]:
+    """Plain rounding (default bits, no compensation or BatchNorm correction) of the conv/linear
+    layers inside modules traced as one call (timm registers whole blocks such as NormFreeBlock
+    and MobileVitBlock as not traceable): their forward is opaque, so nothing is derived, but
+    their weights need not stay in float."""
+    if cfg.default_bits is None:
+        return []
+    seen = set(seen)
+    reports: list[LayerReport] = []
+    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    for leaf_name in sorted(called):
+        leaf = gm.get_submodule(leaf_name)
+        if isinstance(leaf, WEIGHTED_MODULES):
+            continue
+        for sub_name, sub in list(leaf.named_modules()):
+            name = f"{leaf_name}.{sub_name}"
+            if not sub_name or name in seen or not isinstance(sub, WEIGHTED_MODULES) or is_quant_module(sub):
+                continue
+            if not isinstance(getattr(sub, "weight", None), nn.Parameter):
+                continue
+            ref = sub.weight.detach()
+            qw = _quantize(ref.float(), cfg.default_bits, cfg)
+            q = qw.dequantize().to(ref.dtype)
+            qw.scale, qw.zero_point = qw.scale.to(ref.dtype), qw.zero_point.to(ref.dtype)
+            bias = None if sub.bias is None else sub.bias.detach()
+            leaf.set_submodule(sub_name, to_quant_module(sub, q, bias, qw, "default"))
+            seen.add(name)
+            reports.append(LayerReport(
+                name=name, kind=type(sub).__name__, role="default", bits=cfg.default_bits, numel=ref.numel(),
+                scheme=qw.scheme, weight_rel_error=float(torch.dist(q, ref) / torch.linalg.vector_norm(ref).clamp_min(1e-30)),
+                reason=f"inside {leaf_name!r}, traced as one call: plain rounding, no compensation"))
+    return reports
+
+
 def _check_runs(qmodel: nn.Module, example_inputs: Any) -> None:
     """Run ``qmodel`` once so that a compressed model that cannot run fails here, typed."""
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
@@ -298,6 +332,7 @@ def compress(
 
     moments = propagate_moments(gm, cfg.input_mean, cfg.input_std) if cfg.method == "dfmpc" else {}
     layer_reports = _quantize_layers(gm, plan, search.layers, moments, cfg, report_warnings)
+    layer_reports += _quantize_inside_leaves(gm, search.layers, cfg)
     layer_reports = _account_all_layers(model, gm, layer_reports)
     gm.eval()
     compressed_bytes = _compressed_bytes(gm)

@@ -28,7 +28,7 @@ class LayerReport:
     degenerate_channels: int = 0  # all-zero quantized channels given c = 1
     mean_shift: Optional[float] = None  # mean |E[(Q-W)x]| corrected, in units of the output std
     partner: Optional[str] = None
-    reason: Optional[str] = None  # why the layer is kept in float (bits None)
+    reason: Optional[str] = None  # why kept in float (bits None); or how a layer the graph does not see was handled
 
 
 @dataclass
