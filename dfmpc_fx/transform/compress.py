@@ -22,7 +22,7 @@ from ..numerics import compensation as cmath
 from ..graph.bits import FLOAT, BitPlan, assign_bits
 from ..numerics.compensation import ChannelMoments
 from ..config import DFMPCConfig
-from ..errors import CompressedModelError, ConfigError, InvalidModelError
+from ..errors import CompressedModelError, ConfigError, InvalidModelError, TraceError
 from .modules import is_quant_module, to_quant_module
 from ..graph.moments import propagate_moments
 from ..graph.pairs import BATCHNORM_MODULES, WEIGHTED_MODULES, _consumers, search_graph
@@ -250,6 +250,66 @@ def _quantize_inside_leaves(gm: GraphModule, seen: Iterable[str], cfg: DFMPCConf
     return reports
 
 
+def _is_transformers_model(model: nn.Module) -> bool:
+    return any(c.__module__.startswith("transformers.") and c.__name__ == "PreTrainedModel" for c in type(model).__mro__)
+
+
+def _compress_by_parts(model: nn.Module, cfg: DFMPCConfig, leaf_modules: tuple, reason: str) -> nn.Module:
+    """A copy of ``model`` in which every largest submodule that traces is compressed on its own
+    (its ``forward`` code stays the model's), and conv/linear layers directly under a module
+    that does not trace are compressed as bare layers. For models that fx cannot trace as a
+    whole (Hugging Face transformers 5 has no fx tracer of its own); pairs can only form
+    inside a part. The report lists every layer, with the part it was compressed in."""
+    start = time.perf_counter()
+    result = structural_copy(model, copy_tensors=True).eval()
+    reports: list[LayerReport] = []
+    refusals: list[dict[str, str]] = []
+    pairs: list[str] = []
+    excluded: list[str] = []
+    report_warnings = [f"{type(model).__name__} was compressed part by part: {reason}"]
+
+    def visit(mod: nn.Module, prefix: str) -> None:
+        for child_name, child in list(mod.named_children()):
+            name = f"{prefix}{child_name}"
+            if not any(isinstance(m, WEIGHTED_MODULES) for m in child.modules()):
+                continue
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", NoCompensablePairWarning)
+                    part = compress(child, cfg, leaf_modules=leaf_modules, output="module", untraceable="raise")
+            except (TraceError, InvalidModelError):
+                visit(child, name + ".")
+                continue
+            mod.set_submodule(child_name, part)
+            rep = get_report(part)
+            for layer in rep.layers:
+                layer.name = f"{name}.{layer.name}" if layer.name else name
+                layer.partner = f"{name}.{layer.partner}" if layer.partner else None
+                reports.append(layer)
+            refusals.extend({**r, "layer": f"{name}.{r['layer']}" if r["layer"] else name} for r in rep.refusals)
+            pairs.extend(f"{name}: {p}" for p in rep.pairs)
+            excluded.extend(f"{name}: {e}" for e in rep.excluded_pairs)
+
+    visit(result, "")
+    order = {n: i for i, (n, m) in enumerate(model.named_modules()) if isinstance(m, WEIGHTED_MODULES)}
+    reports.sort(key=lambda r: order.get(r.name, len(order)))
+    done = {r.name for r in reports}
+    for name, mod in model.named_modules():
+        if isinstance(mod, WEIGHTED_MODULES) and name not in done:
+            reports.insert(order[name], LayerReport(name=name, kind=type(mod).__name__, role="float", bits=None,
+                                                    numel=mod.weight.numel(), reason="in no part that traces"))
+    compressed = sum(math.ceil(r.bits * r.numel / 8) if r.bits else 4 * r.numel for r in reports)
+    weights = sum(r.numel for r in reports)
+    float_bytes = _float_bytes(model)
+    report = CompressionReport(
+        config=cfg.to_dict(), layers=reports, pairs=pairs, excluded_pairs=excluded, refusals=refusals,
+        float_bytes=float_bytes, compressed_bytes=float_bytes - 4 * weights + compressed,
+        compress_seconds=time.perf_counter() - start, torch_version=torch.__version__, warnings=report_warnings,
+    )
+    setattr(result, REPORT_KEY, report.to_dict())
+    return result
+
+
 def _check_runs(qmodel: nn.Module, example_inputs: Any) -> None:
     """Run ``qmodel`` once so that a compressed model that cannot run fails here, typed."""
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
@@ -271,6 +331,7 @@ def compress(
     leaf_modules: Iterable[LeafSpec] = (),
     example_inputs: Any = None,
     output: str = "graph",
+    untraceable: str = "auto",
     **overrides: Any,
 ) -> nn.Module:
     """Compress ``model`` with DF-MPC and return a mixed-precision ``torch.fx.GraphModule``.
@@ -284,6 +345,10 @@ def compress(
     (a GraphModule traced with ``concrete_args`` loses those arguments), so it can replace the
     original anywhere. A bare conv/linear layer comes back as its compressed layer.
     ``example_inputs`` (a tensor or a tuple of arguments): the result is run once on it.
+    ``untraceable="parts"`` (the default, ``"auto"``, does it for Hugging Face
+    ``PreTrainedModel``s, ``"raise"`` never): a model that does not trace as a whole is
+    compressed part by part, each largest traceable submodule on its own, and comes back as
+    ``output="module"`` does.
 
     Raises:
         ConfigError: invalid configuration. TraceError: the model does not trace (the message
@@ -292,9 +357,11 @@ def compress(
     """
     if output not in ("graph", "module"):
         raise ConfigError(f"output must be 'graph' (a GraphModule) or 'module' (the model's own class), got {output!r}")
+    if untraceable not in ("auto", "parts", "raise"):
+        raise ConfigError(f"untraceable must be 'auto', 'parts' or 'raise', got {untraceable!r}")
     if isinstance(model, WEIGHTED_MODULES) and not isinstance(model, GraphModule):
         # The root cannot be a leaf of its own trace: compress it inside a container.
-        wrapped = compress(_BareLayer(model), config, leaf_modules=leaf_modules, **overrides)
+        wrapped = compress(_BareLayer(model), config, leaf_modules=leaf_modules, untraceable="raise", **overrides)
         layer = wrapped.layer
         report = get_report(wrapped)
         for r in report.layers:
@@ -316,7 +383,15 @@ def compress(
     _check_model(model)
     float_bytes = _float_bytes(model)
 
-    gm = _traced_working_copy(model, concrete_args, leaf_modules)
+    try:
+        gm = _traced_working_copy(model, concrete_args, leaf_modules)
+    except TraceError as exc:
+        if untraceable == "raise" or (untraceable == "auto" and not _is_transformers_model(model)):
+            raise
+        result = _compress_by_parts(model, cfg, tuple(leaf_modules), str(exc).splitlines()[0])
+        if example_inputs is not None:
+            _check_runs(result, example_inputs)
+        return result
     search = search_graph(gm)
     if not search.layers:
         raise InvalidModelError(
