@@ -173,7 +173,7 @@ def test_output_module_keeps_forward_and_signature() -> None:
     y, m = qm(x, embed=True)
     assert rel(y, model(x)) < 1e-3 and isinstance(qm.proj, dfmpc_fx.QuantLinear)
     assert not isinstance(model.proj, dfmpc_fx.QuantLinear)
-    assert get_report(qm).layers[1].name == "proj"
+    assert {l.name: l.bits for l in get_report(qm).layers}["proj"] == 16
     with pytest.raises(dfmpc_fx.ConfigError):
         dfmpc_fx.compress(model, output="graphmodule")
 
@@ -343,3 +343,9 @@ def test_untraceable_model_by_parts_on_request() -> None:
     assert report.excluded_pairs == ["block: 0 -> 2: 0: first/last layer kept at 16 bits"]  # first/last: per part
     q = dfmpc_fx.compress(model, untraceable="parts", first_last_bits=None)
     assert get_report(q).pairs == ["block: 0 -> 1 (ReLU) -> 2"]
+
+
+def test_markdown_lists_the_reasons() -> None:
+    md = get_report(dfmpc_fx.compress(FunctionalAttn().eval(), concrete_args={"embed": False})).to_markdown()
+    assert "| qkv | fp32 | weight used through a functional call (get_attr), kept in float |" in md
+    assert "| unused | fp32 | not reached by forward |" in md

@@ -188,21 +188,18 @@ class _BareLayer(nn.Module):
 
 
 def _account_all_layers(model: nn.Module, gm: GraphModule, reports: list[LayerReport]) -> list[LayerReport]:
-    """One report per conv/linear module of ``model``, in its module order: the layers
-    ``compress`` saw, and those it could not (weight read via ``get_attr``, inside a declared
-    leaf, never called), kept in float with the reason."""
-    by_name = {r.name: r for r in reports}
+    """One report per conv/linear module of ``model``: the layers ``compress`` saw (in graph
+    order), then those it could not (weight read via ``get_attr``, inside a declared leaf,
+    never called), kept in float with the reason, in module order."""
+    seen = {r.name for r in reports}
     for r in reports:
         if r.bits is None and r.reason is None:
             r.reason = _KEPT_BY_PLAN
     attrs = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
     called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
-    out: list[LayerReport] = []
+    out = list(reports)
     for name, mod in model.named_modules():
-        if not isinstance(mod, WEIGHTED_MODULES) or not isinstance(getattr(mod, "weight", None), torch.Tensor):
-            continue
-        if name in by_name:
-            out.append(by_name.pop(name))
+        if name in seen or not isinstance(mod, WEIGHTED_MODULES) or not isinstance(getattr(mod, "weight", None), torch.Tensor):
             continue
         leaf = next((c for c in called if name.startswith(c + ".")), None)
         if any(a.startswith(name + ".") for a in attrs):
@@ -213,7 +210,7 @@ def _account_all_layers(model: nn.Module, gm: GraphModule, reports: list[LayerRe
             reason = _NOT_REACHED
         out.append(LayerReport(name=name, kind=type(mod).__name__, role="float", bits=None,
                                numel=mod.weight.numel(), reason=reason))
-    return out + list(by_name.values())
+    return out
 
 
 def _quantize_inside_leaves(gm: GraphModule, seen: Iterable[str], cfg: DFMPCConfig) -> list[LayerReport]:

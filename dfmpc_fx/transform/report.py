@@ -103,6 +103,10 @@ class CompressionReport:
                 f"| {l.name} | {l.kind} | {l.role} | {l.bits if l.bits is not None else 'fp32'} | {l.numel} | "
                 f"{l.weight_rel_error:.4f} | {fmt(l.coeff_mean)} | {fmt(l.coeff_min)} | {fmt(l.coeff_max)} | {l.partner or ''} |"
             )
+        noted = [l for l in self.layers if l.reason]
+        if noted:
+            lines += ["", "## Layers outside the plan", "", "| layer | bits | reason |", "|---|---|---|"]
+            lines += [f"| {l.name} | {l.bits if l.bits is not None else 'fp32'} | {l.reason} |" for l in noted]
         if self.refusals:
             lines += ["", "## Refused candidates", "", "| layer | reason | detail |", "|---|---|---|"]
             lines += [f"| {r['layer']} | {r['reason']} | {r['detail']} |" for r in self.refusals]
