@@ -252,12 +252,16 @@ def test_timm_models_compress_and_keep_function_at_16_bits(name: str, size: int)
     torch.manual_seed(0)
     model = timm_.create_model(name, pretrained=False, num_classes=10).eval()
     x = torch.randn(1, 3, size, size)
+    caches = [m.attention_bias_cache for m in model.modules() if hasattr(m, "attention_bias_cache")]
     q = dfmpc_fx.compress(model, BITS16, example_inputs=x)
+    assert all(not c for c in caches)  # old code: {'Proxy(getattr_2)': Proxy} in efficientformer_l1
     assert rel(q(x), model(x)) < 1e-3
     report = get_report(q)
     names = {n for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))}
     assert {l.name for l in report.layers} == names
     assert all(l.bits is not None or l.reason for l in report.layers)
+    if name == "nf_regnet_b0":  # ScaledStdConv2d keeps its class (weight standardized in forward)
+        assert type(q.stem.conv).__name__ == "ScaledStdConv2d" and q.stem.conv.w_bits == 16
 
 
 def test_timm_batchnorm_act_is_a_batchnorm_with_its_activation() -> None:
