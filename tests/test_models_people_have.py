@@ -345,9 +345,10 @@ def test_untraceable_model_by_parts_on_request() -> None:
     assert type(q) is Untraceable and rel(q(x), model(x)) < 1e-3
     report = get_report(q)
     assert [l.name for l in report.layers] == ["block.0", "block.2", "head"]
-    assert report.excluded_pairs == ["block: 0 -> 2: 0: first/last layer kept at 16 bits"]  # first/last: per part
-    q = dfmpc_fx.compress(model, untraceable="parts", first_last_bits=None)
-    assert get_report(q).pairs == ["block: 0 -> 1 (ReLU) -> 2"]
+    assert report.pairs == ["block: 0 -> 1 (ReLU) -> 2"]  # first/last pins are not applied per part
+    q = dfmpc_fx.compress(model, untraceable="parts")
+    assert [(l.name, l.bits) for l in get_report(q).layers] == [("block.0", 2), ("block.2", 6), ("head", 8)]
+    assert rel(q(x), model(x)) < 0.5
 
 
 def test_markdown_lists_the_reasons() -> None:

@@ -264,6 +264,11 @@ def _compress_by_parts(model: nn.Module, cfg: DFMPCConfig, leaf_modules: tuple, 
     pairs: list[str] = []
     excluded: list[str] = []
     report_warnings = [f"{type(model).__name__} was compressed part by part: {reason}"]
+    if cfg.first_last_bits is not None:
+        # "first" and "last" of a part are not the model's: the rule would pin every part's
+        # ends (every lone layer) and exclude the pairs that end a part.
+        report_warnings.append("first_last_bits is not applied part by part: every layer follows the pair/default rule")
+    part_cfg = dataclasses.replace(cfg, first_last_bits=None)
 
     def visit(mod: nn.Module, prefix: str) -> None:
         for child_name, child in list(mod.named_children()):
@@ -273,7 +278,7 @@ def _compress_by_parts(model: nn.Module, cfg: DFMPCConfig, leaf_modules: tuple, 
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", NoCompensablePairWarning)
-                    part = compress(child, cfg, leaf_modules=leaf_modules, output="module", untraceable="raise")
+                    part = compress(child, part_cfg, leaf_modules=leaf_modules, output="module", untraceable="raise")
             except (TraceError, InvalidModelError):
                 visit(child, name + ".")
                 continue
