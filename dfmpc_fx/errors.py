@@ -26,3 +26,10 @@ class InvalidModelError(DFMPCError, ValueError):
 class PackError(DFMPCError, ValueError):
     """A layer cannot be packed exactly (its weight is not on its quantization grid, or its
     codes do not fit the bit width)."""
+
+
+class CompressedModelError(DFMPCError, RuntimeError):
+    """The compressed model failed to run on the ``example_inputs`` given to ``compress``; the
+    message carries the original error. Report it with the model: the input model ran, so this
+    is a dfmpc_fx bug or a layer it does not handle (declare it in ``leaf_modules`` or
+    ``skip_layers``)."""

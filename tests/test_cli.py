@@ -135,7 +135,7 @@ IN_PROCESS_CASES: dict[str, list[str]] = {
 
 
 def run_in_process(args: list[str], cwd: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> Result:
-    from dfmpc_fx import cli
+    from dfmpc_fx.integrations import cli
 
     monkeypatch.chdir(cwd)
     monkeypatch.setenv("COLUMNS", "160")

