@@ -261,11 +261,16 @@ def _compress_by_parts(model: nn.Module, cfg: DFMPCConfig, leaf_modules: tuple, 
     pairs: list[str] = []
     excluded: list[str] = []
     report_warnings = [f"{type(model).__name__} was compressed part by part: {reason}"]
-    if cfg.first_last_bits is not None:
+    part_cfg = cfg
+    if cfg.has_budget:
+        # Each part meets the bits-per-weight budget on its own weights, so the model does too.
+        if cfg.target_bytes is not None:
+            raise ConfigError("target_bytes cannot be split over parts compressed one by one: use target_bits")
+    elif cfg.first_last_bits is not None:
         # "first" and "last" of a part are not the model's: the rule would pin every part's
         # ends (every lone layer) and exclude the pairs that end a part.
         report_warnings.append("first_last_bits is not applied part by part: every layer follows the pair/default rule")
-    part_cfg = dataclasses.replace(cfg, first_last_bits=None)
+        part_cfg = dataclasses.replace(cfg, first_last_bits=None)
 
     def visit(mod: nn.Module, prefix: str) -> None:
         for child_name, child in list(mod.named_children()):
@@ -297,12 +302,11 @@ def _compress_by_parts(model: nn.Module, cfg: DFMPCConfig, leaf_modules: tuple, 
         if isinstance(mod, WEIGHTED_MODULES) and name not in done:
             reports.insert(order[name], LayerReport(name=name, kind=type(mod).__name__, role="float", bits=None,
                                                     numel=mod.weight.numel(), reason="in no part that traces"))
-    compressed = sum(math.ceil(r.bits * r.numel / 8) if r.bits else 4 * r.numel for r in reports)
-    weights = sum(r.numel for r in reports)
     float_bytes = _float_bytes(model)
     report = CompressionReport(
         config=cfg.to_dict(), layers=reports, pairs=pairs, excluded_pairs=excluded, refusals=refusals,
-        float_bytes=float_bytes, compressed_bytes=float_bytes - 4 * weights + compressed,
+        float_bytes=float_bytes, compressed_bytes=_compressed_bytes(result),
+        bits_per_weight=_bits_per_weight(result, _weight_count(model)), target_bits=cfg.target_bits,
         compress_seconds=time.perf_counter() - start, torch_version=torch.__version__, warnings=report_warnings,
     )
     setattr(result, REPORT_KEY, report.to_dict())
