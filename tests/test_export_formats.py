@@ -1,6 +1,7 @@
 """torch.export and ONNX exports (fake-quant and packed), artifact sizes, errors, determinism."""
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 import textwrap
@@ -93,7 +94,7 @@ def test_export_program_packed_saved_and_dynamic(tmp_path, qmodel_and_input):
 
 def test_export_program_fake_quant_nested_outputs():
     qmodel, x = _compressed(TwoOutputs)
-    program = dfmpc_fx.export_program(qmodel, x)
+    program = dfmpc_fx.export_program(qmodel, x, packed=False)
     y, d = program.module()(x)
     assert y.shape == (2, 10) and d["prob"].shape == (2, 10)
     assert "program" not in qmodel.meta.get("dfmpc_artifacts", {})  # no file written without path
@@ -134,15 +135,15 @@ def test_export_errors_are_clear(tmp_path):
     model = DataDependent().eval()
     x = torch.randn(2, 4)
     with pytest.raises(dfmpc_fx.ExportError, match="torch.export could not export DataDependent"):
-        dfmpc_fx.export_program(model, x)
+        dfmpc_fx.export_program(model, x, packed=False)
     with pytest.raises(dfmpc_fx.ExportError, match="torch.onnx.export failed for DataDependent"):
-        dfmpc_fx.export_onnx(model, tmp_path / "m.onnx", x)
+        dfmpc_fx.export_onnx(model, tmp_path / "m.onnx", x, packed=False)
 
 
 def test_export_mismatch_is_an_error(tmp_path, qmodel_and_input):
     qmodel, x = qmodel_and_input
     with pytest.raises(dfmpc_fx.ExportError, match="differs from the model"):
-        dfmpc_fx.export_program(qmodel, x, atol=-1.0, rtol=0.0)
+        dfmpc_fx.export_program(qmodel, x, atol=-1.0, rtol=0.0, packed=False)
     with pytest.raises(dfmpc_fx.ExportError, match="differs from the model"):
         dfmpc_fx.export_torchscript(qmodel, tmp_path / "m.ts", x, atol=-1.0, rtol=0.0, packed=True)
 
@@ -173,9 +174,29 @@ def test_export_refuses_off_grid_weights(tmp_path):
 
 def test_torchscript_signature_unchanged(tmp_path, qmodel_and_input):
     qmodel, x = qmodel_and_input
-    path = dfmpc_fx.export_torchscript(qmodel, tmp_path / "fq.ts", example_inputs=(x,))
+    path = dfmpc_fx.export_torchscript(qmodel, tmp_path / "fq.ts", example_inputs=(x,), packed=False)
     assert path == tmp_path / "fq.ts"
     assert qmodel.meta["dfmpc_artifacts"]["torchscript"]["packed"] is False
+
+
+def test_default_export_is_the_packed_artifact(tmp_path):
+    """export_torchscript(q, path, (x,)) writes the packed file, near the theoretical size; the
+    float file is the opt-in packed=False, and larger."""
+    from dfmpc_fx.examples.zoo import resnet20
+
+    torch.manual_seed(0)
+    q = dfmpc_fx.compress(resnet20().eval())
+    x = torch.randn(1, 3, 32, 32)
+    packed_path = dfmpc_fx.export_torchscript(q, tmp_path / "default.ts", (x,))
+    assert q.meta["dfmpc_artifacts"]["torchscript"]["packed"] is True
+    theoretical = dfmpc_fx.get_report(q).theoretical_bytes
+    assert theoretical
+    packed_size = packed_path.stat().st_size
+    assert packed_size < 1.3 * theoretical, (packed_size, theoretical)
+    float_path = dfmpc_fx.export_torchscript(q, tmp_path / "float.ts", (x,), packed=False)
+    assert float_path.stat().st_size > 2 * packed_size
+    for fn in (dfmpc_fx.export_torchscript, dfmpc_fx.export_program, dfmpc_fx.export_onnx, dfmpc_fx.export_as):
+        assert inspect.signature(fn).parameters["packed"].default is True
 
 
 def test_make_zip_deterministic_keeps_archive_loadable(tmp_path):

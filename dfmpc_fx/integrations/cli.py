@@ -151,8 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--format", default=None, metavar="FORMAT",
                       help="torchscript (torch.jit.load), program (torch.export .pt2) or onnx (onnxruntime); "
                            "default: from the --out suffix (.pt2 -> program, .onnx -> onnx, else torchscript)")
-    comp.add_argument("--packed", action="store_true",
-                      help="store low-bit weights bit-packed (integer codes + scales, about the theoretical size)")
+    comp.add_argument("--packed", dest="packed", action="store_true", default=True,
+                      help="store low-bit weights bit-packed (integer codes + scales, about the theoretical size; the default)")
+    comp.add_argument("--float-weights", "--no-packed", dest="packed", action="store_false",
+                      help="export the fake-quant float weights instead (same outputs, float-sized file)")
     comp.add_argument("--low-bits", type=_bits, default=2, metavar="N", help="bits of the first layer of each pair (2-4, default 2)")
     comp.add_argument("--high-bits", type=_bits, default=6, metavar="N", help="bits of the second layer of each pair (6-8, default 6)")
     comp.add_argument("--default-bits", type=_bits_or_none, default=8, metavar="N", help="bits of layers in no pair (default 8; 'none' keeps them float)")

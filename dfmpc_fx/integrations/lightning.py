@@ -189,7 +189,7 @@ class DFMPCCallback(Callback):
         export_torchscript: bool = True,
         torchscript_path: Optional[Union[str, os.PathLike]] = None,
         export_formats: Sequence[str] = ("torchscript",),
-        packed_export: bool = False,
+        packed_export: bool = True,
         tracking: bool = True,
         use_logger: bool = True,
         tracking_uri: Optional[str] = None,
