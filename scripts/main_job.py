@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from lightning.pytorch.loggers import MLFlowLogger
 
-    from dfmpc_fx import tracking
+    import dfmpc_fx
+    from dfmpc_fx.integrations import tracking
     from dfmpc_fx.callbacks import DFMPCCallback, ExportSpec, TrackingSpec
     from dfmpc_fx.examples.data import load_fashion_mnist
     from dfmpc_fx.examples.training import FashionMNISTDataModule, LitClassifier, evaluate_accuracy
