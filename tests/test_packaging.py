@@ -27,11 +27,18 @@ def _env() -> dict[str, str]:
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
     build = tmp_path_factory.mktemp("build")
+    # a copy of what the wheel is built from: setuptools writes build/ and *.egg-info in-tree
+    import shutil
+
+    src = build / "src"
+    shutil.copytree(REPO / "dfmpc_fx", src / "dfmpc_fx", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
     env = _env()
     env["TMPDIR"] = str(build)
     res = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-         "-w", str(out), str(REPO)],
+         "-w", str(out), str(src)],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert res.returncode == 0, res.stdout + res.stderr
