@@ -21,14 +21,6 @@ warnings.filterwarnings("ignore", category=dfmpc_fx.NoCompensablePairWarning)
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class SmallNet(nn.Module):
     def __init__(self):
         super().__init__()
