@@ -135,7 +135,7 @@ IN_PROCESS_CASES: dict[str, list[str]] = {
 
 
 def run_in_process(args: list[str], cwd: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> Result:
-    from dfmpc_fx import cli
+    from dfmpc_fx.integrations import cli
 
     monkeypatch.chdir(cwd)
     monkeypatch.setenv("COLUMNS", "160")
@@ -337,3 +337,20 @@ def test_compress_exports_program_and_onnx_packed(workdir: Path, capsys, monkeyp
 def test_compress_rejects_unknown_format(workdir: Path, capsys, monkeypatch) -> None:
     res = run_in_process(["compress", "clinets:make", "--out", "x.ts", "--format", "tflite"], workdir, capsys, monkeypatch)
     assert res.code != 0 and "tflite" in res.err
+
+
+def test_compress_packs_by_default_and_float_weights_opt_out(workdir: Path, capsys, monkeypatch) -> None:
+    """Without flags the TorchScript file is the packed artifact; --float-weights (alias
+    --no-packed) exports the fake-quant float weights, a larger file."""
+    base = ["compress", "clinets:make", "--input-shape", "1,3,16,16"]
+    res = run_in_process(base + ["--out", "out/default.ts"], workdir, capsys, monkeypatch)
+    assert res.code == 0, res.text
+    assert "torchscript file (packed)" in res.out
+    sizes = {}
+    for flag in ("--float-weights", "--no-packed"):
+        out = f"out/float{flag}.ts"
+        res = run_in_process(base + ["--out", out, flag], workdir, capsys, monkeypatch)
+        assert res.code == 0, res.text
+        assert "(packed)" not in res.out
+        sizes[flag] = (workdir / out).stat().st_size
+    assert min(sizes.values()) > (workdir / "out/default.ts").stat().st_size
