@@ -16,7 +16,7 @@ from .transform.report import CompressionReport, LayerReport, get_report
 from .artifacts.serialization import SerializationError, load, save
 from .transform.compress import NoCompensablePairWarning, compress, swap_compressed_modules
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "DFMPCConfig",

@@ -20,7 +20,7 @@ from lightning.pytorch.loggers import MLFlowLogger  # noqa: E402
 from tinymodels import TinyLit, make_loader, state_digest  # noqa: E402
 
 import dfmpc_fx  # noqa: E402
-from dfmpc_fx.callbacks import DFMPCCallback  # noqa: E402
+from dfmpc_fx.callbacks import DFMPCCallback, TrackingSpec  # noqa: E402
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
     L.seed_everything(0, workers=True)
     model = TinyLit(sync_dist=True)
     logger = MLFlowLogger(experiment_name=args.experiment, tracking_uri=args.uri)
-    cb = DFMPCCallback(module_attr="net", local_dir=str(Path(args.out) / "dfmpc_runs"))
+    cb = DFMPCCallback(module_attr="net", tracking=TrackingSpec(local_dir=str(Path(args.out) / "dfmpc_runs")))
     trainer = L.Trainer(
         strategy="ddp", accelerator="cpu", devices=2, max_epochs=1, logger=logger, callbacks=[cb],
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

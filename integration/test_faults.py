@@ -21,7 +21,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from mlflow import MlflowClient
 from tinymodels import TinyLit, make_loader
 
-from dfmpc_fx.callbacks import DFMPCCallback
+from dfmpc_fx.callbacks import DFMPCCallback, TrackingSpec
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +77,7 @@ def test_server_killed_during_the_run(doomed_server, tmp_path: Path) -> None:
     assert doomed_server.healthy(), "run this test before test_server_down_before_the_run"
     logger = MLFlowLogger(experiment_name=f"faults-{uuid.uuid4().hex[:6]}", tracking_uri=doomed_server.uri)
     killer = KillServerAtTrainEnd(doomed_server, logger)
-    cb = DFMPCCallback(module_attr="net", http_timeout=3)
+    cb = DFMPCCallback(module_attr="net", tracking=TrackingSpec(http_timeout=3))
     model = TinyLit()
     trainer = _trainer(tmp_path, [killer, cb], logger=logger)
     start = time.perf_counter()
@@ -95,7 +95,7 @@ def test_server_killed_during_the_run(doomed_server, tmp_path: Path) -> None:
 
 def test_server_down_before_the_run(doomed_server, tmp_path: Path) -> None:
     doomed_server.kill()
-    cb = DFMPCCallback(module_attr="net", tracking_uri=doomed_server.uri, http_timeout=3)
+    cb = DFMPCCallback(module_attr="net", tracking=TrackingSpec(tracking_uri=doomed_server.uri, http_timeout=3))
     model = TinyLit()
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:

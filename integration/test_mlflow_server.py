@@ -16,7 +16,8 @@ from mlflow import MlflowClient
 from tinymodels import TinyLit, make_loader
 
 import dfmpc_fx
-from dfmpc_fx.callbacks import DFMPCCallback
+from dfmpc_fx import DFMPCConfig
+from dfmpc_fx.callbacks import DFMPCCallback, TrackingSpec
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +44,7 @@ def fit(tmp_path: Path, callback: DFMPCCallback, logger=False, epochs: int = 1) 
 def test_fit_logs_params_metrics_artifacts_and_model_in_the_loggers_run(mlflow_server, tmp_path: Path) -> None:
     experiment = f"it-logger-{uuid.uuid4().hex[:8]}"
     logger = MLFlowLogger(experiment_name=experiment, tracking_uri=mlflow_server.uri, run_name="fit+dfmpc")
-    cb = DFMPCCallback(module_attr="net", low_bits=2, high_bits=6)
+    cb = DFMPCCallback(DFMPCConfig(low_bits=2, high_bits=6), module_attr="net")
     model = fit(tmp_path, cb, logger=logger, epochs=2)
     assert cb.tracking_error is None and cb.local_path is None
     assert cb.run_id == logger.run_id
@@ -113,8 +114,8 @@ def test_without_logger_the_callback_starts_and_finishes_its_own_run(
 ) -> None:
     experiment = f"it-own-{uuid.uuid4().hex[:8]}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)  # no tracking_uri argument: the env var
-    cb = DFMPCCallback(module_attr="net", experiment_name=experiment,
-                       run_name="own", tags={"team": "tests"}, log_model=False, keep_local=True)
+    cb = DFMPCCallback(module_attr="net", tracking=TrackingSpec(experiment_name=experiment, run_name="own",
+                                                                tags={"team": "tests"}, log_model=False, keep_local=True))
     fit(tmp_path, cb)
     client = MlflowClient(mlflow_server.uri)
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])

@@ -7,7 +7,7 @@
 1. Starts from the committed ``checkpoints/resnet20.pt`` (trained by ``recipes/train.py``) and
    fine-tunes it briefly with a ``lightning.Trainer`` (``--finetune-batches``, small LR), or,
    with ``--from-scratch`` or without that checkpoint, trains it for ``--epochs`` epochs.
-2. ``DFMPCCallback(low_bits=2, high_bits=6, module_attr="net")`` runs after training: it
+2. ``DFMPCCallback(DFMPCConfig(low_bits=2, high_bits=6), module_attr="net")`` runs after training: it
    evaluates ``val_acc`` (the 10k Fashion-MNIST test images) before and after compressing, swaps
    the compressed layers into the LightningModule, and logs everything to the run of the
    Trainer's ``MLFlowLogger``: the embedded store ``sqlite:///<repo>/mlflow.db`` by default.
@@ -70,8 +70,9 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from lightning.pytorch.loggers import MLFlowLogger
 
-    from dfmpc_fx import tracking
-    from dfmpc_fx.callbacks import DFMPCCallback
+    import dfmpc_fx
+    from dfmpc_fx.integrations import tracking
+    from dfmpc_fx.callbacks import DFMPCCallback, ExportSpec, TrackingSpec
     from dfmpc_fx.examples.data import load_fashion_mnist
     from dfmpc_fx.examples.training import FashionMNISTDataModule, LitClassifier, evaluate_accuracy
     from dfmpc_fx.examples.zoo import build_model
@@ -121,14 +122,12 @@ def main(argv: list[str] | None = None) -> dict:
             return {"val_acc": evaluate_accuracy(pl_module.net, test_x, test_y)}
 
     callback = DFMPCCallback(
-        low_bits=args.low_bits,
-        high_bits=args.high_bits,
+        dfmpc_fx.DFMPCConfig(low_bits=args.low_bits, high_bits=args.high_bits),
         module_attr="net",
         apply_on="test" if no_training else "fit",
         eval_fn=eval_fn,
-        example_input=test_x[:1].clone(),
-        torchscript_path=ts_path,
-        tags={"dfmpc.job": "main_job"},
+        export=ExportSpec(example_input=test_x[:1].clone(), torchscript_path=ts_path),
+        tracking=TrackingSpec(tags={"dfmpc.job": "main_job"}),
     )
     trainer = L.Trainer(
         accelerator="cpu",

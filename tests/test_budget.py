@@ -33,14 +33,6 @@ def _random_networks():
 RN = _random_networks()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # --------------------------------------------------------------------------- pure knapsack
 
 

@@ -26,8 +26,16 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import dfmpc_fx
-from dfmpc_fx import tracking
-from dfmpc_fx.callbacks import CHECKPOINT_KEY, DFMPCCallback, load_compressed_checkpoint, restore_compressed
+from dfmpc_fx.integrations import tracking
+from dfmpc_fx.callbacks import (
+    CHECKPOINT_KEY,
+    DFMPCCallback,
+    ExportSpec,
+    TrackingSpec,
+    load_compressed_checkpoint,
+    restore_compressed,
+)
+from dfmpc_fx.integrations.lightning import DEPRECATED_KEYWORDS
 
 torch.set_num_threads(1)
 
@@ -147,9 +155,22 @@ def _no_env_tracking_uri(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Non
         (dict(low_bits=1), "low_bits"),
         (dict(low_bits=5), "low_bits"),
         (dict(high_bits=9), "high_bits"),
-        (dict(low_bits=4, high_bits=3), "high_bits"),
+        (dict(low_bits=4, high_bits=3), "high_bits"),  # old keywords (deprecated) still validated
         (dict(method="magic"), "method"),
         (dict(config=dfmpc_fx.DFMPCConfig(), low_bits=3), "either config"),
+        (dict(config=2), "DFMPCConfig"),
+        (dict(export=ExportSpec(), packed_export=False), "either export"),
+        (dict(tracking=TrackingSpec(), run_name="x"), "either tracking"),
+        (dict(export="torchscript"), "ExportSpec"),
+        (dict(tracking="yes"), "TrackingSpec"),
+        (dict(no_such_argument=1), "unexpected keyword"),
+        (dict(export=ExportSpec(formats=("tflite",))), "export_formats"),
+        (dict(export=ExportSpec(packed="yes")), "packed_export"),
+        (dict(export=ExportSpec(example_input=[1, 2])), "example_input"),
+        (dict(tracking=TrackingSpec(tracking_uri="mlruns")), "file store"),
+        (dict(tracking=TrackingSpec(http_timeout=0)), "http_timeout"),
+        (dict(tracking=TrackingSpec(experiment_name="")), "experiment_name"),
+        (dict(tracking=TrackingSpec(enabled="yes")), "tracking"),
         (dict(config={"low_bits": 2}), "DFMPCConfig"),
         (dict(module_attr=""), "module_attr"),
         (dict(module_attr=3), "module_attr"),
@@ -162,15 +183,76 @@ def _no_env_tracking_uri(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Non
         (dict(tracking_uri="file:./mlruns"), "MLflow 3 refuses"),
         (dict(tracking_uri="mlruns"), "file store"),
         (dict(http_timeout=0), "http_timeout"),
-        (dict(tracking="yes"), "tracking"),
         (dict(experiment_name=""), "experiment_name"),
         (dict(export_formats=("torchscript", "tflite")), "export_formats"),
         (dict(packed_export="yes"), "packed_export"),
     ],
 )
 def test_bad_arguments_fail_in_init(kwargs: dict, match: str) -> None:
-    with pytest.raises(dfmpc_fx.ConfigError, match=match):
-        DFMPCCallback(**kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        with pytest.raises(dfmpc_fx.ConfigError, match=match):
+            DFMPCCallback(**kwargs)
+
+
+def test_signature_reads_at_a_glance() -> None:
+    import inspect
+
+    params = [p for p in inspect.signature(DFMPCCallback).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    assert len(params) <= 12, [p.name for p in params]
+    assert params[0].name == "config"
+    assert DFMPCCallback().packed_export is True  # the default export is the packed artifact
+
+
+_OLD_VALUES: dict = {
+    "low_bits": 3, "high_bits": 7, "default_bits": None, "first_last_bits": None, "method": "paper",
+    "compensate": False, "export_formats": ("program",), "packed_export": False,
+    "example_input": torch.zeros(1, 1, 8, 8), "torchscript_path": "m.ts", "export_torchscript": False,
+    "use_logger": False, "tracking_uri": "sqlite:///x.db", "experiment_name": "e", "run_name": "r",
+    "tags": {"a": "b"}, "log_model": False, "local_dir": "somewhere", "keep_local": True, "http_timeout": 7.0,
+}
+
+
+@pytest.mark.parametrize("old", sorted(DEPRECATED_KEYWORDS))
+def test_each_old_keyword_still_works_and_warns(old: str) -> None:
+    spec, fld = DEPRECATED_KEYWORDS[old]
+    replacement = {"config": "DFMPCConfig", "export": "ExportSpec", "tracking": "TrackingSpec"}[spec]
+    with pytest.warns(DeprecationWarning, match=rf"{old}=.*deprecated.*{spec}={replacement}"):
+        cb = DFMPCCallback(**{old: _OLD_VALUES[old]})
+    value = _OLD_VALUES[old]
+    if old == "export_torchscript":
+        assert cb.export_spec.formats == () and not cb.export_torchscript
+    elif spec == "config":
+        assert getattr(cb.config, fld) == value
+    elif spec == "export":
+        got = getattr(cb.export_spec, fld)
+        assert got is value if isinstance(value, torch.Tensor) else got == value
+    else:
+        assert getattr(cb.tracking_spec, fld) == value
+    assert set(_OLD_VALUES) == set(DEPRECATED_KEYWORDS)
+
+
+def test_new_specs_set_the_same_attributes() -> None:
+    cb = DFMPCCallback(
+        dfmpc_fx.DFMPCConfig(low_bits=3),
+        export=ExportSpec(formats=("torchscript", "onnx"), packed=False),
+        tracking=TrackingSpec(experiment_name="e", http_timeout=4, keep_local=True),
+    )
+    assert cb.config.low_bits == 3 and cb.export_formats == ("torchscript", "onnx") and cb.packed_export is False
+    assert cb.experiment_name == "e" and cb.http_timeout == 4.0 and cb.keep_local and cb.tracking
+    assert not DFMPCCallback(tracking=False).tracking
+    assert DFMPCCallback(export=False).export_formats == ()
+
+
+def test_config_fields_and_target_bits_are_forwarded_by_name() -> None:
+    cb = DFMPCCallback(granularity="per_tensor")  # any DFMPCConfig field, no warning
+    assert cb.config.granularity == "per_tensor"
+    fields = {f.name for f in __import__("dataclasses").fields(dfmpc_fx.DFMPCConfig)}
+    if "target_bits" in fields:
+        assert DFMPCCallback(target_bits=3.0).config.target_bits == 3.0
+    else:
+        with pytest.raises(dfmpc_fx.ConfigError, match="target_bits"):
+            DFMPCCallback(target_bits=3.0)
 
 
 def test_defaults_are_mp2_6_after_fit() -> None:
@@ -232,7 +314,7 @@ class Recorder(Callback):
 def test_hook_order_and_compressed_network_left_in_place(tmp_path: Path) -> None:
     model = TinyLit()
     recorder = Recorder()
-    cb = DFMPCCallback(module_attr="net", tracking=False, local_dir=tmp_path / "runs")
+    cb = DFMPCCallback(module_attr="net", tracking=TrackingSpec(enabled=False, local_dir=tmp_path / "runs"))
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_acc", mode="max", save_top_k=-1)
     trainer = make_trainer(
         tmp_path,
@@ -297,8 +379,8 @@ def test_apply_before_test_with_eval_fn(tmp_path: Path) -> None:
         return {"acc": correct / total, "ignored": "text"}
 
     model = TinyLit()
-    cb = DFMPCCallback(module_attr="net", apply_on="test", eval_fn=eval_fn, tracking=False, export_torchscript=False,
-                       local_dir=tmp_path / "runs")
+    cb = DFMPCCallback(module_attr="net", apply_on="test", eval_fn=eval_fn, export=False,
+                       tracking=TrackingSpec(enabled=False, local_dir=tmp_path / "runs"))
     recorder = Recorder()
     trainer = make_trainer(tmp_path, [cb, recorder])
     trainer.fit(model, make_loader())
@@ -312,7 +394,7 @@ def test_apply_before_test_with_eval_fn(tmp_path: Path) -> None:
 
 def test_whole_lightning_module_is_compressed_when_no_attribute(tmp_path: Path) -> None:
     model = TinyLit()
-    cb = DFMPCCallback(tracking=False, local_dir=tmp_path / "runs", evaluate=False)
+    cb = DFMPCCallback(tracking=TrackingSpec(enabled=False, local_dir=tmp_path / "runs"), evaluate=False)
     make_trainer(tmp_path, [cb]).fit(model, make_loader())
     assert "net.conv2" in cb.swapped and is_quant(model.net.conv2)
     assert cb.metrics and not any(k.startswith("fp32/") for k in cb.metrics)
@@ -326,7 +408,7 @@ class BreakWeightsAtEpochEnd(Callback):
 
 def test_compression_failure_keeps_the_trained_weights(tmp_path: Path) -> None:
     model = TinyLit()
-    cb = DFMPCCallback(module_attr="net", tracking=False, local_dir=tmp_path / "runs")
+    cb = DFMPCCallback(module_attr="net", tracking=TrackingSpec(enabled=False, local_dir=tmp_path / "runs"))
     trainer = make_trainer(tmp_path, [BreakWeightsAtEpochEnd(), cb])
     with pytest.warns(RuntimeWarning, match="compression failed"), pytest.raises(dfmpc_fx.InvalidModelError):
         trainer.fit(model, make_loader(), make_loader(64, seed=1))
@@ -339,7 +421,7 @@ def test_compression_failure_keeps_the_trained_weights(tmp_path: Path) -> None:
 
 def test_without_validation_data_it_compresses_and_says_so(tmp_path: Path) -> None:
     model = TinyLit()
-    cb = DFMPCCallback(module_attr="net", tracking=False, local_dir=tmp_path / "runs")
+    cb = DFMPCCallback(module_attr="net", tracking=TrackingSpec(enabled=False, local_dir=tmp_path / "runs"))
     with pytest.warns(UserWarning, match="no validation metrics"):
         make_trainer(tmp_path, [cb]).fit(model, make_loader())
     assert cb.compressed and is_quant(model.net.conv2)
@@ -360,7 +442,7 @@ class NotRankZero(SingleDeviceStrategy):
 def test_non_zero_rank_compresses_but_neither_logs_nor_writes(tmp_path: Path) -> None:
     model = TinyLit()
     db = tmp_path / "rank.db"
-    cb = DFMPCCallback(module_attr="net", tracking_uri=f"sqlite:///{db}", local_dir=tmp_path / "runs", keep_local=True)
+    cb = DFMPCCallback(module_attr="net", tracking=TrackingSpec(tracking_uri=f"sqlite:///{db}", local_dir=tmp_path / "runs", keep_local=True))
     trainer = make_trainer(tmp_path, [cb], strategy=NotRankZero(device="cpu"))
     assert not trainer.is_global_zero
     trainer.fit(model, make_loader(), make_loader(64, seed=1))
@@ -378,8 +460,8 @@ def test_same_weights_give_same_digest_on_every_process(tmp_path: Path) -> None:
     for _ in range(2):
         model = TinyLit()
         model.load_state_dict(base.state_dict())
-        cb = DFMPCCallback(module_attr="net", tracking=False, evaluate=False, export_torchscript=False,
-                           local_dir=tmp_path / "runs")
+        cb = DFMPCCallback(module_attr="net", evaluate=False, export=False,
+                           tracking=TrackingSpec(enabled=False, local_dir=tmp_path / "runs"))
         make_trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=0).fit(model, make_loader())
         digests.append(cb.weights_digest)
     assert digests[0] == digests[1]
@@ -390,7 +472,8 @@ def test_same_weights_give_same_digest_on_every_process(tmp_path: Path) -> None:
 
 def test_checkpoint_round_trip(tmp_path: Path) -> None:
     model = TinyLit(lr=0.03)
-    cb = DFMPCCallback(module_attr="net", tracking=False, local_dir=tmp_path / "runs", low_bits=3, high_bits=7)
+    cb = DFMPCCallback(dfmpc_fx.DFMPCConfig(low_bits=3, high_bits=7), module_attr="net",
+                       tracking=TrackingSpec(enabled=False, local_dir=tmp_path / "runs"))
     trainer = make_trainer(tmp_path, [cb])
     trainer.fit(model, make_loader(), make_loader(64, seed=1))
     path = tmp_path / "compressed.ckpt"
@@ -424,7 +507,7 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
 
     # 3. trainer.test(ckpt_path=...) with the callback in the Trainer restores the compressed modules
     test_model = TinyLit()
-    cb2 = DFMPCCallback(module_attr="net", tracking=False, local_dir=tmp_path / "runs2")
+    cb2 = DFMPCCallback(module_attr="net", tracking=TrackingSpec(enabled=False, local_dir=tmp_path / "runs2"))
     recorder = Recorder()
     tester = make_trainer(tmp_path, [cb2, recorder])
     results = tester.test(test_model, make_loader(64, seed=2), ckpt_path=str(path), verbose=False)
@@ -445,7 +528,7 @@ def test_plain_checkpoint_still_loads_strictly(tmp_path: Path) -> None:
     trainer.fit(model, make_loader())
     path = tmp_path / "plain.ckpt"
     trainer.save_checkpoint(path)
-    cb = DFMPCCallback(module_attr="net", tracking=False, apply_on="test", evaluate=False, local_dir=tmp_path / "r")
+    cb = DFMPCCallback(module_attr="net", apply_on="test", evaluate=False, tracking=TrackingSpec(enabled=False, local_dir=tmp_path / "r"))
     other = TinyLit()
     other.net.extra = nn.Linear(2, 2)  # keys the checkpoint lacks: Lightning's strict error must surface
     with pytest.raises(RuntimeError, match="Missing key"):
@@ -460,7 +543,7 @@ def test_plain_checkpoint_still_loads_strictly(tmp_path: Path) -> None:
 def test_unreachable_server_falls_back_to_local_folder(tmp_path: Path) -> None:
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     model = TinyLit()
-    cb = DFMPCCallback(module_attr="net", tracking_uri=uri, local_dir=tmp_path / "runs", http_timeout=2)
+    cb = DFMPCCallback(module_attr="net", tracking=TrackingSpec(tracking_uri=uri, local_dir=tmp_path / "runs", http_timeout=2))
     trainer = make_trainer(tmp_path, [cb])
     start = time.perf_counter()
     with pytest.warns(RuntimeWarning, match="saved to") as caught:
@@ -489,7 +572,7 @@ def test_unreachable_server_falls_back_to_local_folder(tmp_path: Path) -> None:
 def test_default_store_is_sqlite_in_working_directory(tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
-    cb = DFMPCCallback(module_attr="net", experiment_name="unit-default", log_model=False)
+    cb = DFMPCCallback(module_attr="net", tracking=TrackingSpec(experiment_name="unit-default", log_model=False))
     make_trainer(tmp_path, [cb]).fit(TinyLit(), make_loader(), make_loader(64, seed=1))
     assert (tmp_path / "mlflow.db").is_file() and cb.tracking_error is None
     client = MlflowClient(tracking.default_tracking_uri(tmp_path))
@@ -543,8 +626,8 @@ def test_exports_every_requested_format_packed(tmp_path: Path) -> None:
     import onnxruntime as ort
 
     model = TinyLit()
-    cb = DFMPCCallback(module_attr="net", tracking=False, evaluate=False, local_dir=tmp_path / "runs",
-                       export_formats=("torchscript", "program", "onnx"), packed_export=True)
+    cb = DFMPCCallback(module_attr="net", evaluate=False, tracking=TrackingSpec(enabled=False, local_dir=tmp_path / "runs"),
+                       export=ExportSpec(formats=("torchscript", "program", "onnx")))
     make_trainer(tmp_path, [cb]).fit(model, make_loader(), make_loader(64, seed=1))
     folder = cb.local_path
     x = torch.randn(1, 1, 8, 8)
@@ -563,7 +646,8 @@ def test_exports_every_requested_format_packed(tmp_path: Path) -> None:
 
 
 def test_export_torchscript_false_drops_it_from_the_formats() -> None:
-    cb = DFMPCCallback(export_torchscript=False, export_formats=("torchscript", "program"))
+    with pytest.warns(DeprecationWarning, match="ExportSpec"):
+        cb = DFMPCCallback(export_torchscript=False, export_formats=("torchscript", "program"))
     assert cb.export_formats == ("program",) and not cb.export_torchscript
 
 
@@ -571,8 +655,8 @@ def test_metrics_give_theoretical_and_artifact_bytes(tmp_path: Path) -> None:
     import json
 
     model = TinyLit()
-    cb = DFMPCCallback(module_attr="net", tracking=False, evaluate=False, local_dir=tmp_path / "runs",
-                       export_formats=("torchscript",), packed_export=True)
+    cb = DFMPCCallback(module_attr="net", evaluate=False, tracking=TrackingSpec(enabled=False, local_dir=tmp_path / "runs"),
+                       export=ExportSpec(formats=("torchscript",)))
     make_trainer(tmp_path, [cb]).fit(model, make_loader(), make_loader(64, seed=1))
     metrics = json.loads((cb.local_path / "metrics.json").read_text())
     size = (cb.local_path / "model.ts").stat().st_size

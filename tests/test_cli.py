@@ -355,3 +355,20 @@ def test_compress_with_target_bits(tmp_path):
     assert {layer["role"] for layer in data["layers"]} == {"budget"}
     rc = main(["compress", "zoo:resnet20", "--target-bits", "3.0", "--low-bits", "3", "--out", str(out)])
     assert rc != 0
+
+
+def test_compress_packs_by_default_and_float_weights_opt_out(workdir: Path, capsys, monkeypatch) -> None:
+    """Without flags the TorchScript file is the packed artifact; --float-weights (alias
+    --no-packed) exports the fake-quant float weights, a larger file."""
+    base = ["compress", "clinets:make", "--input-shape", "1,3,16,16"]
+    res = run_in_process(base + ["--out", "out/default.ts"], workdir, capsys, monkeypatch)
+    assert res.code == 0, res.text
+    assert "torchscript file (packed)" in res.out
+    sizes = {}
+    for flag in ("--float-weights", "--no-packed"):
+        out = f"out/float{flag}.ts"
+        res = run_in_process(base + ["--out", out, flag], workdir, capsys, monkeypatch)
+        assert res.code == 0, res.text
+        assert "(packed)" not in res.out
+        sizes[flag] = (workdir / out).stat().st_size
+    assert min(sizes.values()) > (workdir / "out/default.ts").stat().st_size

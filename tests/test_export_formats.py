@@ -1,6 +1,7 @@
 """torch.export and ONNX exports (fake-quant and packed), artifact sizes, errors, determinism."""
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 import textwrap
@@ -18,14 +19,6 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=dfmpc_fx.NoCompensablePairWarning)
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class SmallNet(nn.Module):
@@ -93,7 +86,7 @@ def test_export_program_packed_saved_and_dynamic(tmp_path, qmodel_and_input):
 
 def test_export_program_fake_quant_nested_outputs():
     qmodel, x = _compressed(TwoOutputs)
-    program = dfmpc_fx.export_program(qmodel, x)
+    program = dfmpc_fx.export_program(qmodel, x, packed=False)
     y, d = program.module()(x)
     assert y.shape == (2, 10) and d["prob"].shape == (2, 10)
     assert "program" not in qmodel.meta.get("dfmpc_artifacts", {})  # no file written without path
@@ -134,15 +127,15 @@ def test_export_errors_are_clear(tmp_path):
     model = DataDependent().eval()
     x = torch.randn(2, 4)
     with pytest.raises(dfmpc_fx.ExportError, match="torch.export could not export DataDependent"):
-        dfmpc_fx.export_program(model, x)
+        dfmpc_fx.export_program(model, x, packed=False)
     with pytest.raises(dfmpc_fx.ExportError, match="torch.onnx.export failed for DataDependent"):
-        dfmpc_fx.export_onnx(model, tmp_path / "m.onnx", x)
+        dfmpc_fx.export_onnx(model, tmp_path / "m.onnx", x, packed=False)
 
 
 def test_export_mismatch_is_an_error(tmp_path, qmodel_and_input):
     qmodel, x = qmodel_and_input
     with pytest.raises(dfmpc_fx.ExportError, match="differs from the model"):
-        dfmpc_fx.export_program(qmodel, x, atol=-1.0, rtol=0.0)
+        dfmpc_fx.export_program(qmodel, x, atol=-1.0, rtol=0.0, packed=False)
     with pytest.raises(dfmpc_fx.ExportError, match="differs from the model"):
         dfmpc_fx.export_torchscript(qmodel, tmp_path / "m.ts", x, atol=-1.0, rtol=0.0, packed=True)
 
@@ -173,9 +166,31 @@ def test_export_refuses_off_grid_weights(tmp_path):
 
 def test_torchscript_signature_unchanged(tmp_path, qmodel_and_input):
     qmodel, x = qmodel_and_input
-    path = dfmpc_fx.export_torchscript(qmodel, tmp_path / "fq.ts", example_inputs=(x,))
+    path = dfmpc_fx.export_torchscript(qmodel, tmp_path / "fq.ts", example_inputs=(x,), packed=False)
     assert path == tmp_path / "fq.ts"
     assert qmodel.meta["dfmpc_artifacts"]["torchscript"]["packed"] is False
+
+
+def test_default_export_is_the_packed_artifact(tmp_path):
+    """export_torchscript(q, path, (x,)) writes the packed file, near the theoretical size; the
+    float file is the opt-in packed=False, and larger."""
+    from dfmpc_fx.examples.zoo import resnet18_fmnist
+
+    # resnet18_fmnist: 1.06x theoretical (the CIFAR resnet20's file is 1.6x: 0.16 MB of weights
+    # against TorchScript's fixed code and metadata)
+    torch.manual_seed(0)
+    q = dfmpc_fx.compress(resnet18_fmnist().eval())
+    x = torch.randn(1, 1, 28, 28)
+    packed_path = dfmpc_fx.export_torchscript(q, tmp_path / "default.ts", (x,))
+    assert q.meta["dfmpc_artifacts"]["torchscript"]["packed"] is True
+    theoretical = dfmpc_fx.get_report(q).theoretical_bytes
+    assert theoretical
+    packed_size = packed_path.stat().st_size
+    assert packed_size < 1.3 * theoretical, (packed_size, theoretical)
+    float_path = dfmpc_fx.export_torchscript(q, tmp_path / "float.ts", (x,), packed=False)
+    assert float_path.stat().st_size > 2 * packed_size
+    for fn in (dfmpc_fx.export_torchscript, dfmpc_fx.export_program, dfmpc_fx.export_onnx, dfmpc_fx.export_as):
+        assert inspect.signature(fn).parameters["packed"].default is True
 
 
 def test_make_zip_deterministic_keeps_archive_loadable(tmp_path):

@@ -18,14 +18,6 @@ warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit.script de
 warnings.filterwarnings("ignore", category=dfmpc_fx.NoCompensablePairWarning)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _randomize_bn(model: nn.Module) -> nn.Module:
     gen = torch.Generator().manual_seed(0)
     for m in model.modules():

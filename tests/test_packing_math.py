@@ -11,14 +11,6 @@ from hypothesis import strategies as st
 from dfmpc_fx.artifacts.packed import PackError, pack_codes, packed_nbytes, plane_layout, unpack_codes
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_plane_layout_is_binary_decomposition():
     assert plane_layout(2) == [(2, 0)]
     assert plane_layout(3) == [(2, 0), (1, 2)]

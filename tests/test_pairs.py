@@ -188,3 +188,22 @@ def test_bit_assignment_follows_the_paper() -> None:
 
     floats = assign_bits(r18, dfmpc_fx.DFMPCConfig(default_bits=None, first_last_bits=None))
     assert floats.bits["layer2.0.downsample.0"] is None and floats.roles["conv1"] == "float"
+
+
+def test_pair_search_behaves_as_the_sequence_of_its_pairs() -> None:
+    from dfmpc_fx.graph.pairs import PairSearch
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 4, 1)).eval()
+    search = dfmpc_fx.find_compensable_pairs(model)
+    assert isinstance(search, PairSearch)
+    assert len(search) == len(search.pairs) >= 1
+    assert list(search) == search.pairs
+    assert search[0] is search.pairs[0] and search[-1] is search.pairs[-1]
+    assert search[:1] == search.pairs[:1]
+    assert bool(search) and search.pairs[0] in search
+    assert isinstance(search.refusals, list) and "pairs" in search.to_table()
+    empty = PairSearch(pairs=[], refusals=[])
+    assert not empty and len(empty) == 0 and list(empty) == []
+    with pytest.raises(IndexError):
+        empty[0]

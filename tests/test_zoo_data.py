@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.fx
 
-from dfmpc_fx import zoo
+from dfmpc_fx.examples import zoo
 from dfmpc_fx.examples.data import (
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,
@@ -35,14 +35,6 @@ needs_fmnist = pytest.mark.skipif(
     reason=f"Fashion-MNIST IDX files not in {fashion_mnist_dir()} "
     "(apt-get install dataset-fashion-mnist, or set DFMPC_FASHION_MNIST_DIR)",
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("name", sorted(zoo.MODELS))

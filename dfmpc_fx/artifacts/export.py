@@ -7,11 +7,11 @@ Three formats, each written, loaded back and checked against the model before re
   reloaded with ``torch.export.load``).
 - :func:`export_onnx`: an ONNX file, checked in onnxruntime.
 
-With ``packed=True`` the exported artifact is the *packed* model (:func:`dfmpc_fx.pack_model`):
+By default (``packed=True``) the exported artifact is the *packed* model (:func:`dfmpc_fx.pack_model`):
 quantized weights stored as bit-packed ``uint8`` codes plus scales, dequantized inside the
 graph, so the file is about the theoretical compressed size. The file's size is then written
-to the report (``get_report(qmodel).artifact_bytes``). Without it the fake-quant float weights
-are exported (same outputs, float-sized file).
+to the report (``get_report(qmodel).artifact_bytes``). With the opt-in ``packed=False`` the
+fake-quant float weights are exported (same outputs, float-sized file).
 
 Files written here are byte-identical for the same input model (in a fresh process; TorchScript
 mangles class names when the same classes are scripted twice in one process): the random
@@ -206,7 +206,7 @@ def export_torchscript(
     example_inputs: Union[torch.Tensor, Sequence[torch.Tensor]],
     *,
     atol: float = 1e-5,
-    packed: bool = False,
+    packed: bool = True,
     rtol: float = 1e-6,
 ) -> Path:
     """Write ``qmodel`` as TorchScript to ``path`` and check the file reproduces it.
@@ -216,7 +216,7 @@ def export_torchscript(
     back and compared on ``example_inputs`` (max abs diff <= ``atol + rtol * max|output|``)
     before returning.
 
-    ``packed=True`` exports the packed model (bit-packed integer codes, dequantized in
+    ``packed=True`` (the default) exports the packed model (bit-packed integer codes, dequantized in
     ``forward``): the file loads with plain ``torch.jit.load`` (no dfmpc_fx needed), is about the
     theoretical compressed size, and its size is recorded as the report's ``artifact_bytes``.
     """
@@ -253,7 +253,7 @@ def export_program(
     qmodel: nn.Module,
     example_inputs: Union[torch.Tensor, Sequence[torch.Tensor]],
     *,
-    packed: bool = False,
+    packed: bool = True,
     path: Optional[PathLike] = None,
     dynamic_batch: bool = False,
     strict: bool = False,
@@ -326,7 +326,7 @@ def export_onnx(
     path: PathLike,
     example_inputs: Union[torch.Tensor, Sequence[torch.Tensor]],
     *,
-    packed: bool = False,
+    packed: bool = True,
     dynamic_batch: bool = False,
     opset_version: Optional[int] = None,
     atol: float = 1e-4,
@@ -472,7 +472,7 @@ def export_as(
     example_inputs: Union[torch.Tensor, Sequence[torch.Tensor]],
     fmt: str,
     *,
-    packed: bool = False,
+    packed: bool = True,
 ) -> float:
     """Write ``qmodel`` to ``path`` in ``fmt`` (a key of :data:`EXPORT_SUFFIXES`) with the matching
     exporter, which reloads the file and raises :class:`ExportError` if it does not match.

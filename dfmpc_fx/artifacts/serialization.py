@@ -62,7 +62,7 @@ def save(qmodel: nn.Module, path: PathLike) -> Path:
     Returns the path. Raises :class:`SerializationError` if a layer cannot be packed exactly
     (its weight was changed after compress) or the model does not pickle.
     """
-    from .. import __version__
+    from .._version import __version__
 
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"save expects an nn.Module, got {type(qmodel).__name__}")

@@ -5,6 +5,13 @@
     from dfmpc_fx.callbacks import DFMPCCallback
 """
 
-from ..integrations.lightning import CHECKPOINT_KEY, DFMPCCallback, load_compressed_checkpoint, restore_compressed
+from ..integrations.lightning import (
+    CHECKPOINT_KEY,
+    DFMPCCallback,
+    ExportSpec,
+    TrackingSpec,
+    load_compressed_checkpoint,
+    restore_compressed,
+)
 
-__all__ = ["CHECKPOINT_KEY", "DFMPCCallback", "load_compressed_checkpoint", "restore_compressed"]
+__all__ = ["CHECKPOINT_KEY", "DFMPCCallback", "ExportSpec", "TrackingSpec", "load_compressed_checkpoint", "restore_compressed"]

@@ -149,6 +149,22 @@ class PairSearch:
     def __str__(self) -> str:
         return self.to_table()
 
+    # The search result behaves as the sequence of its pairs.
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __iter__(self):
+        return iter(self.pairs)
+
+    def __getitem__(self, index):
+        return self.pairs[index]
+
+    def __bool__(self) -> bool:
+        return bool(self.pairs)
+
+    def __contains__(self, item: object) -> bool:
+        return item in self.pairs
+
 
 def _describe(node: Node, modules: dict[str, nn.Module]) -> str:
     if node.op == "call_module":

@@ -153,8 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--format", default=None, metavar="FORMAT",
                       help="torchscript (torch.jit.load), program (torch.export .pt2) or onnx (onnxruntime); "
                            "default: from the --out suffix (.pt2 -> program, .onnx -> onnx, else torchscript)")
-    comp.add_argument("--packed", action="store_true",
-                      help="store low-bit weights bit-packed (integer codes + scales, about the theoretical size)")
+    comp.add_argument("--packed", dest="packed", action="store_true", default=True,
+                      help="store low-bit weights bit-packed (integer codes + scales, about the theoretical size; the default)")
+    comp.add_argument("--float-weights", "--no-packed", dest="packed", action="store_false",
+                      help="export the fake-quant float weights instead (same outputs, float-sized file)")
     comp.add_argument("--target-bits", type=float, default=None, metavar="B",
                       help="size budget: average bits per conv/linear weight, scales counted; the widths are chosen per layer "
                            "(replaces --low-bits/--high-bits/--default-bits/--first-last-bits)")

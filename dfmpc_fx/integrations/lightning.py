@@ -5,7 +5,7 @@
     import lightning as L
     from dfmpc_fx.callbacks import DFMPCCallback
 
-    trainer = L.Trainer(callbacks=[DFMPCCallback(low_bits=2, high_bits=6, module_attr="net")])
+    trainer = L.Trainer(callbacks=[DFMPCCallback(DFMPCConfig(low_bits=2, high_bits=6), module_attr="net")])
     trainer.fit(lit_model, datamodule)   # afterwards lit_model.net is compressed
     trainer.test(lit_model, datamodule)  # tests the compressed network
 
@@ -38,6 +38,7 @@ Training further from a compressed checkpoint is refused with a clear error.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import os
 import time
@@ -57,7 +58,7 @@ from dfmpc_fx.integrations import tracking as _tracking
 from dfmpc_fx.errors import ConfigError
 from dfmpc_fx.artifacts.export import EXPORT_SUFFIXES
 
-__all__ = ["CHECKPOINT_KEY", "DFMPCCallback", "load_compressed_checkpoint", "restore_compressed"]
+__all__ = ["CHECKPOINT_KEY", "DEPRECATED_KEYWORDS", "DFMPCCallback", "ExportSpec", "TrackingSpec", "load_compressed_checkpoint", "restore_compressed"]
 
 #: top-level key of a Lightning checkpoint holding the compression state
 CHECKPOINT_KEY = "dfmpc"
@@ -121,14 +122,184 @@ def _as_float(value: Any) -> Optional[float]:
         return None
 
 
+@dataclasses.dataclass(frozen=True)
+class ExportSpec:
+    """What :class:`DFMPCCallback` exports after compression.
+
+    Args:
+        formats: any of ``"torchscript"`` (``model.ts``), ``"program"`` (``torch.export``,
+            ``model.pt2``) and ``"onnx"`` (``model.onnx``, needs onnx/onnxscript/onnxruntime);
+            each is reloaded and checked against the model. ``()``: no export.
+        packed: bit-packed low-bit weights, about the theoretical size (default); ``False``
+            exports the fake-quant float weights (same outputs, float-sized file).
+        example_input: input for the export; default: the module's ``example_input_array`` or
+            one sample of the validation/training data.
+        torchscript_path: also copy the TorchScript file here (rank zero).
+    """
+
+    formats: tuple[str, ...] = ("torchscript",)
+    packed: bool = True
+    example_input: Any = None
+    torchscript_path: Optional[Union[str, os.PathLike]] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackingSpec:
+    """Where :class:`DFMPCCallback` records the run.
+
+    Args:
+        enabled: log to MLflow (``False``: only write the local folder).
+        use_logger: reuse the run of the Trainer's ``MLFlowLogger`` when there is one (then
+            its experiment, run name, tags and tracking URI apply).
+        tracking_uri: MLflow store/server when no logger is reused; default
+            ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<cwd>/mlflow.db``.
+        experiment_name, run_name, tags: for a run this callback creates itself.
+        log_model: log the compressed network with ``mlflow.pytorch.log_model``.
+        local_dir: where local copies go (``<local_dir>/<timestamp>/``) when tracking fails,
+            when disabled or when ``keep_local=True``.
+        keep_local: keep the local folder even when tracking worked.
+        http_timeout: seconds per HTTP request to a tracking server (no retries are made).
+    """
+
+    enabled: bool = True
+    use_logger: bool = True
+    tracking_uri: Optional[str] = None
+    experiment_name: str = _tracking.DEFAULT_EXPERIMENT
+    run_name: Optional[str] = None
+    tags: Optional[Mapping[str, str]] = None
+    log_model: bool = True
+    local_dir: Union[str, os.PathLike] = _tracking.DEFAULT_LOCAL_DIR
+    keep_local: bool = False
+    http_timeout: float = _tracking.DEFAULT_HTTP_TIMEOUT
+
+
+#: keywords of the previous DFMPCCallback signature -> (where they went, field)
+DEPRECATED_KEYWORDS: dict[str, tuple[str, str]] = {
+    **{name: ("config", name) for name in _CONFIG_ARGS},
+    "export_formats": ("export", "formats"),
+    "packed_export": ("export", "packed"),
+    "example_input": ("export", "example_input"),
+    "torchscript_path": ("export", "torchscript_path"),
+    "export_torchscript": ("export", "formats"),
+    "use_logger": ("tracking", "use_logger"),
+    "tracking_uri": ("tracking", "tracking_uri"),
+    "experiment_name": ("tracking", "experiment_name"),
+    "run_name": ("tracking", "run_name"),
+    "tags": ("tracking", "tags"),
+    "log_model": ("tracking", "log_model"),
+    "local_dir": ("tracking", "local_dir"),
+    "keep_local": ("tracking", "keep_local"),
+    "http_timeout": ("tracking", "http_timeout"),
+}
+_SPEC_CLASS = {"config": "DFMPCConfig", "export": "ExportSpec", "tracking": "TrackingSpec"}
+
+
+def _replacement(old: str) -> str:
+    spec, fld = DEPRECATED_KEYWORDS[old]
+    if old == "export_torchscript":
+        return "export=ExportSpec(formats=...) (leave 'torchscript' out of formats)"
+    return f"{spec}={_SPEC_CLASS[spec]}({fld}=...)"
+
+
+def _resolve_legacy(
+    config: Any, export: Any, tracking: Any, target_bits: Optional[float], legacy: dict[str, Any]
+) -> tuple["dfmpc_fx.DFMPCConfig", ExportSpec, TrackingSpec]:
+    """The config and specs from the new arguments and the old keywords (warned, checked)."""
+    config_fields = {f.name for f in dataclasses.fields(dfmpc_fx.DFMPCConfig)}
+    by_spec: dict[str, dict[str, Any]] = {"config": {}, "export": {}, "tracking": {}}
+    config_extra: dict[str, Any] = {}
+    for name, value in legacy.items():
+        if name in DEPRECATED_KEYWORDS:
+            warnings.warn(
+                f"DFMPCCallback({name}=...) is deprecated and will be removed in the next release; "
+                f"use {_replacement(name)}",
+                DeprecationWarning,
+                stacklevel=3,  # the caller of DFMPCCallback(...)
+            )
+            by_spec[DEPRECATED_KEYWORDS[name][0]][name] = value
+        elif name in config_fields:
+            config_extra[name] = value  # a DFMPCConfig field, forwarded by name
+        else:
+            raise ConfigError(
+                f"DFMPCCallback got an unexpected keyword {name!r} (neither a callback argument, "
+                f"a deprecated keyword nor a DFMPCConfig field)"
+            )
+    if target_bits is not None:
+        config_extra["target_bits"] = target_bits
+
+    # config
+    cfg_kwargs = {**by_spec["config"], **config_extra}
+    if config is not None:
+        if not isinstance(config, dfmpc_fx.DFMPCConfig):
+            raise ConfigError(
+                f"config must be a dfmpc_fx.DFMPCConfig, got {type(config).__name__} "
+                "(the bit widths are DFMPCConfig(low_bits=..., high_bits=...) now)"
+            )
+        if cfg_kwargs:
+            raise ConfigError(
+                f"pass either config=DFMPCConfig(...) or {', '.join(sorted(cfg_kwargs))}, not both "
+                "(put them into the DFMPCConfig)"
+            )
+    else:
+        try:
+            config = dfmpc_fx.DFMPCConfig(**cfg_kwargs)  # raises ConfigError on bad values
+        except TypeError as exc:
+            raise ConfigError(f"DFMPCConfig does not take {sorted(config_extra)}: {exc}") from exc
+
+    # export
+    old = by_spec["export"]
+    if export is False:
+        export = ExportSpec(formats=())
+    elif export is True:
+        export = ExportSpec()
+    if export is not None:
+        if not isinstance(export, ExportSpec):
+            raise ConfigError(f"export must be an ExportSpec (or False), got {type(export).__name__}")
+        if old:
+            raise ConfigError(f"pass either export=ExportSpec(...) or {', '.join(sorted(old))}, not both")
+    else:
+        fields: dict[str, Any] = {}
+        if "export_formats" in old:
+            formats = old["export_formats"]
+            fields["formats"] = (formats,) if isinstance(formats, str) else tuple(formats)
+        if "export_torchscript" in old:
+            if not isinstance(old["export_torchscript"], bool):
+                raise ConfigError(f"export_torchscript must be True or False, got {old['export_torchscript']!r}")
+            if not old["export_torchscript"]:
+                fields["formats"] = tuple(f for f in fields.get("formats", ExportSpec.formats) if f != "torchscript")
+        for name, fld in (("packed_export", "packed"), ("example_input", "example_input"), ("torchscript_path", "torchscript_path")):
+            if name in old:
+                fields[fld] = old[name]
+        export = ExportSpec(**fields)
+
+    # tracking
+    old = by_spec["tracking"]
+    if tracking is None or tracking is True:
+        spec = TrackingSpec()
+    elif tracking is False:
+        spec = TrackingSpec(enabled=False)
+    elif isinstance(tracking, TrackingSpec):
+        spec = tracking
+        if old:
+            raise ConfigError(f"pass either tracking=TrackingSpec(...) or {', '.join(sorted(old))}, not both")
+    else:
+        raise ConfigError(f"tracking must be a TrackingSpec, True or False, got {tracking!r}")
+    if old:
+        spec = dataclasses.replace(spec, **old)  # the keyword names are the TrackingSpec fields
+    return config, export, spec
+
+
 class DFMPCCallback(Callback):
     """Compress the trained network with DF-MPC, evaluate it before/after, and track the run.
 
+    .. code-block:: python
+
+        DFMPCCallback(DFMPCConfig(low_bits=2, high_bits=6), module_attr="net",
+                      export=ExportSpec(formats=("torchscript", "onnx")),
+                      tracking=TrackingSpec(experiment_name="cifar"))
+
     Args:
-        low_bits, high_bits, default_bits, first_last_bits, method, compensate: the
-            :class:`dfmpc_fx.DFMPCConfig` fields most people set (MP2/6 by default).
-        config: a full :class:`dfmpc_fx.DFMPCConfig` instead of the fields above (passing
-            both is an error).
+        config: the :class:`dfmpc_fx.DFMPCConfig` (default: MP2/6).
         module_attr: dotted name of the network inside the LightningModule (``"net"``);
             ``None`` compresses the LightningModule itself (its ``forward`` is traced).
         apply_on: when to compress: ``"fit"`` (default; at the end of training), ``"test"``
@@ -139,27 +310,24 @@ class DFMPCCallback(Callback):
         monitor: metric names to keep from the evaluation (default: all it logs).
         concrete_args, leaf_modules: passed to :func:`dfmpc_fx.compress` for models that
             torch.fx cannot trace as they are.
-        example_input: input for the TorchScript export; default: the module's
-            ``example_input_array`` or one sample of the validation/training data.
-        export_torchscript: write and log a TorchScript file of the compressed network
-            (``False`` drops ``"torchscript"`` from ``export_formats``).
-        torchscript_path: also copy that TorchScript file here (rank zero).
-        export_formats: the artifacts to write and log, any of ``"torchscript"`` (``model.ts``),
-            ``"program"`` (``torch.export``, ``model.pt2``) and ``"onnx"`` (``model.onnx``, needs
-            onnx/onnxscript/onnxruntime); each is reloaded and checked against the model.
-        packed_export: export with bit-packed low-bit weights (about the theoretical size).
-        tracking: log to MLflow (``False``: only write the local folder).
-        use_logger: reuse the run of the Trainer's ``MLFlowLogger`` when there is one.
-        tracking_uri: MLflow store/server when no logger is reused; default
-            ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<cwd>/mlflow.db``.
-        experiment_name, run_name, tags: for a run this callback creates itself.
-        log_model: log the compressed network with ``mlflow.pytorch.log_model``.
-        local_dir: where local copies go (``<local_dir>/<timestamp>/``) when tracking fails,
-            when ``tracking=False`` or when ``keep_local=True``.
-        keep_local: keep the local folder even when tracking worked.
-        http_timeout: seconds per HTTP request to a tracking server (no retries are made).
+        export: an :class:`ExportSpec` (which files, packed or float weights, example input);
+            ``False`` or ``ExportSpec(formats=())`` writes none.
+        tracking: a :class:`TrackingSpec` (MLflow run, local folder, timeouts); ``False``:
+            only write the local folder; ``True`` (default): ``TrackingSpec()``.
         check_ranks: broadcast a digest of the compressed weights from rank zero and warn if
             any rank differs (distributed runs only).
+        target_bits: passed to :class:`dfmpc_fx.DFMPCConfig` (an average bit budget), when
+            the installed version has that field.
+
+    The keywords of the previous release (``low_bits``, ``high_bits``, ``default_bits``,
+    ``first_last_bits``, ``method``, ``compensate``; ``export_torchscript``,
+    ``torchscript_path``, ``export_formats``, ``packed_export``, ``example_input``;
+    ``use_logger``, ``tracking_uri``, ``experiment_name``, ``run_name``, ``tags``,
+    ``log_model``, ``local_dir``, ``keep_local``, ``http_timeout``) still work for one
+    release, with a ``DeprecationWarning`` that names the replacement (see
+    :data:`DEPRECATED_KEYWORDS`); passing one together with the spec it belongs to is a
+    :class:`dfmpc_fx.ConfigError`. Any other :class:`DFMPCConfig` field name is forwarded to
+    the config.
 
     After compression the callback exposes ``compressed`` (bool), ``qmodel`` (the
     :class:`torch.fx.GraphModule` from :func:`dfmpc_fx.compress`), ``report``, ``metrics``
@@ -170,14 +338,8 @@ class DFMPCCallback(Callback):
 
     def __init__(
         self,
-        low_bits: int = 2,
-        high_bits: int = 6,
-        default_bits: Optional[int] = 8,
-        first_last_bits: Optional[int] = 8,
-        method: str = "dfmpc",
-        compensate: bool = True,
-        *,
         config: Optional["dfmpc_fx.DFMPCConfig"] = None,
+        *,
         module_attr: Optional[str] = None,
         apply_on: Union[str, Sequence[str]] = "fit",
         evaluate: bool = True,
@@ -185,36 +347,30 @@ class DFMPCCallback(Callback):
         monitor: Optional[Sequence[str]] = None,
         concrete_args: Optional[dict[str, Any]] = None,
         leaf_modules: Optional[Sequence[type]] = None,
-        example_input: Any = None,
-        export_torchscript: bool = True,
-        torchscript_path: Optional[Union[str, os.PathLike]] = None,
-        export_formats: Sequence[str] = ("torchscript",),
-        packed_export: bool = False,
-        tracking: bool = True,
-        use_logger: bool = True,
-        tracking_uri: Optional[str] = None,
-        experiment_name: str = _tracking.DEFAULT_EXPERIMENT,
-        run_name: Optional[str] = None,
-        tags: Optional[Mapping[str, str]] = None,
-        log_model: bool = True,
-        local_dir: Union[str, os.PathLike] = _tracking.DEFAULT_LOCAL_DIR,
-        keep_local: bool = False,
-        http_timeout: float = _tracking.DEFAULT_HTTP_TIMEOUT,
+        export: Union[ExportSpec, bool, None] = None,
+        tracking: Union[TrackingSpec, bool, None] = None,
         check_ranks: bool = True,
+        target_bits: Optional[float] = None,
+        **legacy: Any,
     ) -> None:
         super().__init__()
-        given = dict(zip(_CONFIG_ARGS, (low_bits, high_bits, default_bits, first_last_bits, method, compensate)))
-        if config is not None:
-            if not isinstance(config, dfmpc_fx.DFMPCConfig):
-                raise ConfigError(f"config must be a dfmpc_fx.DFMPCConfig, got {type(config).__name__}")
-            changed = [k for k, v in given.items() if v != _CONFIG_DEFAULTS[k]]
-            if changed:
-                raise ConfigError(
-                    f"pass either config=DFMPCConfig(...) or the arguments {', '.join(changed)}, not both"
-                )
-            self.config = config
-        else:
-            self.config = dfmpc_fx.DFMPCConfig(**given)  # raises ConfigError on bad values
+        config, export, tracking = _resolve_legacy(config, export, tracking, target_bits, legacy)
+        export_formats = export.formats
+        packed_export = export.packed
+        example_input = export.example_input
+        torchscript_path = export.torchscript_path
+        use_logger = tracking.use_logger
+        tracking_uri = tracking.tracking_uri
+        experiment_name = tracking.experiment_name
+        run_name = tracking.run_name
+        tags = tracking.tags
+        log_model = tracking.log_model
+        local_dir = tracking.local_dir
+        keep_local = tracking.keep_local
+        http_timeout = tracking.http_timeout
+        self.config = config
+        self.export_spec = export
+        self.tracking_spec = tracking
 
         if module_attr is not None and (not isinstance(module_attr, str) or not module_attr.strip(".")):
             raise ConfigError(f"module_attr must be None or an attribute name such as 'net', got {module_attr!r}")
@@ -249,9 +405,8 @@ class DFMPCCallback(Callback):
             raise ConfigError(f"http_timeout must be a number of seconds > 0, got {http_timeout!r}")
         for name, value in (
             ("evaluate", evaluate),
-            ("export_torchscript", export_torchscript),
             ("packed_export", packed_export),
-            ("tracking", tracking),
+            ("tracking", tracking.enabled),
             ("use_logger", use_logger),
             ("log_model", log_model),
             ("keep_local", keep_local),
@@ -274,13 +429,11 @@ class DFMPCCallback(Callback):
         unknown = [f for f in formats if f not in EXPORT_SUFFIXES]
         if unknown:
             raise ConfigError(f"export_formats must be among {tuple(EXPORT_SUFFIXES)}, got {unknown}")
-        if not export_torchscript:
-            formats = tuple(f for f in formats if f != "torchscript")
         self.export_formats = tuple(dict.fromkeys(formats))
         self.packed_export = packed_export
         self.export_torchscript = "torchscript" in self.export_formats
         self.torchscript_path = Path(torchscript_path) if torchscript_path is not None else None
-        self.tracking = tracking
+        self.tracking = tracking.enabled
         self.use_logger = use_logger
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
