@@ -248,7 +248,9 @@ def build_model(spec: str, kwargs: Optional[dict[str, Any]] = None) -> tuple[Any
         size = model.pretrained_cfg.get("input_size", (3, 224, 224)) if hasattr(model, "pretrained_cfg") else (3, 224, 224)
         return model, (1, *size)
     if prefix == "zoo":
-        from ..examples import zoo
+        # Looked up by name, as a user's package.module:factory is: the examples are not a
+        # layer of the library and no library module imports them.
+        zoo = importlib.import_module("dfmpc_fx.examples.zoo")
 
         if kwargs:
             raise CLIError("zoo models take no --model-kwargs")
