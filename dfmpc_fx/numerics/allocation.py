@@ -27,20 +27,16 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .quant import scale_overhead_bits
+
 __all__ = [
     "Candidate",
     "LayerCost",
-    "scale_bits",
     "option_bits",
     "sample_rows",
-    "noise_to_signal",
     "allocate",
     "InfeasibleBudget",
 ]
-
-#: Bits of one stored scale or zero point (float32, as the Quant* buffers hold them).
-SCALE_BITS = 32
-
 
 @dataclass(frozen=True)
 class Candidate:
@@ -76,20 +72,13 @@ class InfeasibleBudget(ValueError):
         self.budget, self.smallest = budget, smallest
 
 
-def scale_bits(c_out: int, row_len: int, group_size: Optional[int], zero_point: bool) -> int:
-    """Bits of the scales (and zero points) of a ``(c_out, row_len)`` weight: one per row, or
-    one per group of ``group_size`` (the last group of a row may be shorter)."""
-    per_row = 1 if not group_size else math.ceil(row_len / group_size)
-    return c_out * per_row * SCALE_BITS * (2 if zero_point else 1)
-
-
-def option_bits(option: Candidate, shape: Sequence[int], zero_point: bool) -> float:
-    """Size of a layer of weight ``shape`` stored as ``option``, scales included."""
+def option_bits(option: Candidate, shape: Sequence[int], scheme: str) -> float:
+    """Size of a layer of weight ``shape`` stored as ``option`` with quantizer ``scheme``,
+    scales and zero points included (:func:`dfmpc_fx.numerics.quant.scale_overhead_bits`)."""
     numel = math.prod(shape)
     if option.bits is None:
         return 32.0 * numel
-    row_len = numel // shape[0]
-    return float(option.bits * numel + scale_bits(shape[0], row_len, option.group_size, zero_point))
+    return float(option.bits * numel + scale_overhead_bits(numel, shape[0], option.group_size, scheme))
 
 
 def sample_rows(c_out: int, max_rows: int) -> torch.Tensor:
@@ -101,7 +90,8 @@ def sample_rows(c_out: int, max_rows: int) -> torch.Tensor:
 
 class _RowReference:
     """The float rows of one layer with what every option's ratio reuses: ``sum_k W^2``, the
-    input-weighted ``u * W`` and the output variances (see :func:`noise_to_signal`)."""
+    input-weighted ``u * W`` and the output variances; :meth:`ratio` is the mean over the rows
+    of ``sum_k u_k (Q - gamma W)_k^2 / Var(W x)`` (see the module docstring)."""
 
     def __init__(self, weight_rows: torch.Tensor, in_var_per_weight: Optional[torch.Tensor], ref_var: Optional[torch.Tensor]):
         self.w = weight_rows.to(torch.float64)
@@ -121,19 +111,6 @@ class _RowReference:
         if not bool(ok.any()):
             return 0.0
         return float((noise[ok] / self.signal[ok]).mean())
-
-
-def noise_to_signal(
-    weight_rows: torch.Tensor,
-    quantized_rows: torch.Tensor,
-    in_var_per_weight: Optional[torch.Tensor],
-    ref_var: Optional[torch.Tensor],
-) -> float:
-    """Mean over the given rows of ``sum_k v_k ||N_jk||^2 / Var(W_j x)`` (see the module
-    docstring). ``weight_rows``/``quantized_rows``: ``(R, K)``; ``in_var_per_weight``: ``(R, K)``
-    or ``(K,)`` input variance seen by each weight (None: 1); ``ref_var``: ``(R,)`` recorded
-    output variances (None: the independent-input estimate)."""
-    return _RowReference(weight_rows, in_var_per_weight, ref_var).ratio(quantized_rows)
 
 
 def _pick(costs: Sequence[LayerCost], price: float) -> list[int]:
@@ -196,7 +173,7 @@ def estimate_layer(
     quantize: Callable[[torch.Tensor, Candidate], torch.Tensor],
     in_var_per_weight: Optional[torch.Tensor],
     ref_var: Optional[torch.Tensor],
-    zero_point: bool,
+    scheme: str,
     max_rows: int = 16,
 ) -> LayerCost:
     """:class:`LayerCost` of one layer: each option's size and its noise-to-signal ratio on a
@@ -212,7 +189,7 @@ def estimate_layer(
     reference = _RowReference(flat, u, rv)
     sizes, damage = [], []
     for opt in options:
-        sizes.append(option_bits(opt, weight.shape, zero_point))
+        sizes.append(option_bits(opt, weight.shape, scheme))
         if opt.bits is None:
             damage.append(0.0)
             continue
@@ -221,4 +198,4 @@ def estimate_layer(
     return LayerCost(name, weight.numel(), list(options), sizes, damage)
 
 
-__all__ += ["estimate_layer", "SCALE_BITS"]
+__all__ += ["estimate_layer"]

@@ -65,7 +65,6 @@ def choose_widths(
     embeddings), for ``target_bytes``; ``gains``: each layer's output-noise gain
     (:func:`dfmpc_fx.graph.sensitivity.output_noise_gains`), which weighs its damage.
     """
-    zero_point = cfg.scheme == "asymmetric"
     costs: list[LayerCost] = []
     for inp in inputs:
         row_len = inp.weight[0].numel()
@@ -76,7 +75,7 @@ def choose_widths(
 
         costs.append(estimate_layer(
             inp.name, inp.weight, options, quantize, _input_variance_per_weight(inp),
-            inp.bn.var if inp.bn is not None else None, zero_point,
+            inp.bn.var if inp.bn is not None else None, cfg.scheme,
         ))
     raw = [list(c.damage) for c in costs]
     for c in costs:

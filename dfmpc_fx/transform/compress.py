@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import time
 import warnings
 from typing import Any, Iterable, Optional
@@ -25,7 +24,7 @@ from ..config import DFMPCConfig
 from ..errors import CompressedModelError, ConfigError, InvalidModelError, TraceError
 from .apply import apply_plans
 from .budget import choose_widths
-from .modules import is_quant_module, to_quant_module
+from .modules import is_quant_module, quantized_layer_bits, quantized_layer_bytes, to_quant_module
 from .plan import BatchNormState, LayerInputs, LayerPlan, plan_layer, quantize_for
 from ..graph.moments import propagate_moments
 from ..graph.sensitivity import output_noise_gains
@@ -545,9 +544,7 @@ def _bits_per_weight(gm: GraphModule, weight_count: int) -> float:
     bits, quantized = 0.0, 0
     for mod in gm.modules():
         if is_quant_module(mod):
-            bits += mod.w_bits * mod.weight.numel() + 32 * mod.weight_scale.numel()
-            if mod.scheme in ("asymmetric", "dorefa"):
-                bits += 32 * mod.weight_zero_point.numel()
+            bits += quantized_layer_bits(mod)
             quantized += mod.weight.numel()
     bits += 32.0 * max(weight_count - quantized, 0)
     return bits / max(weight_count, 1)
@@ -605,10 +602,7 @@ def _compressed_bytes(gm: GraphModule) -> int:
     counted: set[int] = set()
     for mod in gm.modules():
         if is_quant_module(mod):
-            total += math.ceil(mod.w_bits * mod.weight.numel() / 8)
-            total += 4 * mod.weight_scale.numel()
-            if mod.scheme in ("asymmetric", "dorefa"):
-                total += 4 * mod.weight_zero_point.numel()
+            total += quantized_layer_bytes(mod)
             counted.update({id(mod.weight), id(mod.weight_scale), id(mod.weight_zero_point)})
     for p in list(gm.parameters()) + [b for b in gm.buffers() if torch.is_floating_point(b)]:
         if id(p) not in counted:

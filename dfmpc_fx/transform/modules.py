@@ -15,7 +15,7 @@ from ..graph.tracing import own_forward
 from ..numerics.quant import QuantizedWeight
 
 __all__ = ["QuantConv1d", "QuantConv2d", "QuantLinear", "QUANT_MODULES", "to_quant_module", "quantized_layer_bytes",
-           "is_quant_module"]
+           "quantized_layer_bits", "is_quant_module"]
 
 
 class _QuantMixin:
@@ -114,15 +114,27 @@ def to_quant_module(
     return new
 
 
+def _layer_counts(module: nn.Module) -> tuple[int, int, int]:
+    """(bits, weights, stored scales plus varying zero points) of a Quant* or Packed* module."""
+    numel = int(module.numel) if hasattr(module, "numel") and isinstance(module.numel, int) else module.weight.numel()
+    params = module.weight_scale.numel()
+    if str(module.scheme) in ("asymmetric", "dorefa"):
+        params += module.weight_zero_point.numel()
+    return int(module.w_bits), numel, params
+
+
 def quantized_layer_bytes(module: nn.Module) -> int:
     """Theoretical bytes of one quantized layer's weight: ``ceil(bits * numel / 8)`` plus 4 bytes
     per stored scale and, for schemes with a varying zero point (asymmetric, dorefa), 4 per zero
     point. Counts the buffers the module holds (float32, shape (C,), (1,) or (C, G)), so grouped
     and per-channel layers are sized alike; bias is not included. Accepts Quant* and Packed*
     modules (a packed layer's ``packed`` buffer is this codes term, up to per-plane padding)."""
-    bits, scheme = int(module.w_bits), str(module.scheme)
-    numel = int(module.numel) if hasattr(module, "numel") and isinstance(module.numel, int) else module.weight.numel()
-    total = math.ceil(bits * numel / 8) + 4 * module.weight_scale.numel()
-    if scheme in ("asymmetric", "dorefa"):
-        total += 4 * module.weight_zero_point.numel()
-    return int(total)
+    bits, numel, params = _layer_counts(module)
+    return math.ceil(bits * numel / 8) + 4 * params
+
+
+def quantized_layer_bits(module: nn.Module) -> int:
+    """The same size in bits, without rounding the codes up to whole bytes (what a budget in
+    bits per weight averages)."""
+    bits, numel, params = _layer_counts(module)
+    return bits * numel + 32 * params
