@@ -12,6 +12,7 @@ METHODS: tuple[str, ...] = ("dfmpc", "paper")
 GRANULARITIES: tuple[str, ...] = ("per_channel", "per_tensor")
 SCHEMES: tuple[str, ...] = ("symmetric", "asymmetric")
 SCALE_RULES: tuple[str, ...] = ("batchnorm", "least_squares", "variance")
+SCALE_DTYPE_NAMES: tuple[str, ...] = ("auto", "float32", "float16")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,11 @@ class DFMPCConfig:
         group_sizes: scale groups the allocator may choose besides one scale per output channel
             (a group is ``k`` consecutive weights of a row; each group's scale is charged).
         fixed_bits: ``{layer name: bits}`` pinned under a budget (e.g. ``{"conv1": 8}``).
+        scale_dtype: storage of the quantizers' scales and zero points: ``"float32"`` (exact in
+            the weight's dtype), ``"float16"`` (half their bytes; a float16 scale moves no code),
+            or ``"auto"`` (default): float16 under a size budget, where every byte is spent on
+            accuracy, float32 otherwise (the explicit MP layouts and ``method="paper"`` stay
+            bit-identical to earlier releases).
     """
 
     low_bits: int = 2
@@ -77,6 +83,7 @@ class DFMPCConfig:
     candidate_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
     group_sizes: tuple[int, ...] = ()
     fixed_bits: dict[str, int] = field(default_factory=dict, hash=False)
+    scale_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         def check_bits(name: str, value: Any, lo: int, hi: int) -> None:
@@ -116,7 +123,16 @@ class DFMPCConfig:
         if not isinstance(self.compensate, bool) or not isinstance(self.mean_correction, bool):
             raise ConfigError("compensate and mean_correction must be bools")
         object.__setattr__(self, "skip_layers", tuple(self.skip_layers))
+        if self.scale_dtype not in SCALE_DTYPE_NAMES:
+            raise ConfigError(f"unknown scale_dtype {self.scale_dtype!r}: use one of {', '.join(SCALE_DTYPE_NAMES)}")
         self._check_budget()
+
+    @property
+    def scale_bits(self) -> int:
+        """Width of each stored scale and varying zero point: 16 or 32 (``scale_dtype``)."""
+        if self.scale_dtype == "auto":
+            return 16 if self.has_budget else 32
+        return 16 if self.scale_dtype == "float16" else 32
 
     @property
     def has_budget(self) -> bool:

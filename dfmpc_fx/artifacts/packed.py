@@ -82,7 +82,8 @@ class _PackedBase(nn.Module):
     group_size: int
 
     def _init_packed(self, weight_shape: List[int], bits: int, role: str, scheme: str, packed: Tensor,
-                     scale: Tensor, zero_point: Tensor, bias: Optional[Tensor], requires_grad: bool) -> None:
+                     scale: Tensor, zero_point: Tensor, bias: Optional[Tensor], requires_grad: bool,
+                     compute_dtype: Optional[torch.dtype] = None) -> None:
         self.w_bits = int(bits)
         self.role = str(role)
         self.scheme = str(scheme)
@@ -98,7 +99,9 @@ class _PackedBase(nn.Module):
         # per-field bit masks and power-of-two factors (a few bytes; derived from w_bits, so not in
         # the state dict, but saved with TorchScript and torch.export artifacts)
         self.register_buffer("plane_mask", torch.tensor(masks, dtype=torch.uint8, device=packed.device), persistent=False)
-        self.register_buffer("plane_factor", torch.tensor(factors, dtype=scale.dtype, device=packed.device), persistent=False)
+        # the weight is rebuilt in the float layer's dtype; scales may be stored narrower (float16)
+        self.register_buffer("plane_factor", torch.tensor(factors, dtype=compute_dtype or scale.dtype,
+                                                          device=packed.device), persistent=False)
         self.weight_requires_grad = bool(requires_grad)
         if bias is not None:
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=requires_grad)
@@ -128,11 +131,11 @@ class _PackedBase(nn.Module):
         if self.group_size > 0:
             # group j // group_size of each row: a gather, no padded codes for a short last group
             idx = torch.div(torch.arange(w.shape[1], device=w.device), self.group_size, rounding_mode="floor")
-            zp = self.weight_zero_point
+            zp = self.weight_zero_point.to(w.dtype)
             zp = zp.index_select(1, idx) if zp.dim() == 2 else zp.unsqueeze(1)
-            w = (w - zp) * self.weight_scale.index_select(1, idx)
+            w = (w - zp) * self.weight_scale.to(w.dtype).index_select(1, idx)
         else:
-            w = (w - self.weight_zero_point.unsqueeze(1)) * self.weight_scale.unsqueeze(1)
+            w = (w - self.weight_zero_point.to(w.dtype).unsqueeze(1)) * self.weight_scale.to(w.dtype).unsqueeze(1)
         return w.reshape(self.weight_shape)
 
     @property
@@ -264,11 +267,12 @@ def pack_module(layer: nn.Module, name: str = "layer") -> nn.Module:
         new._init_linear(layer)
     else:
         new._init_conv(layer)
-    zp_stored = _as_compact(zero_point + offset)
+    zp_stored = _as_compact(zero_point + offset).to(layer.weight_zero_point.dtype)
     if group_size is not None and zp_stored.numel() > 1:
         zp_stored = zp_stored.reshape(scale.shape)
-    new._init_packed(list(weight.shape), bits, getattr(layer, "role", "default"), scheme, packed, scale,
-                     zp_stored, layer.bias, layer.weight.requires_grad)
+    stored_scale = scale.to(layer.weight_scale.dtype)  # exact: scale came from that dtype
+    new._init_packed(list(weight.shape), bits, getattr(layer, "role", "default"), scheme, packed, stored_scale,
+                     zp_stored, layer.bias, layer.weight.requires_grad, compute_dtype=weight.dtype)
     new.zero_point_numel = int(zero_point.numel())
     new.group_size = 0 if group_size is None else int(group_size)
     new.train(layer.training)

@@ -72,13 +72,14 @@ class InfeasibleBudget(ValueError):
         self.budget, self.smallest = budget, smallest
 
 
-def option_bits(option: Candidate, shape: Sequence[int], scheme: str) -> float:
+def option_bits(option: Candidate, shape: Sequence[int], scheme: str, scale_bits: int = 32) -> float:
     """Size of a layer of weight ``shape`` stored as ``option`` with quantizer ``scheme``,
-    scales and zero points included (:func:`dfmpc_fx.numerics.quant.scale_overhead_bits`)."""
+    scales and zero points (``scale_bits`` wide) included
+    (:func:`dfmpc_fx.numerics.quant.scale_overhead_bits`)."""
     numel = math.prod(shape)
     if option.bits is None:
         return 32.0 * numel
-    return float(option.bits * numel + scale_overhead_bits(numel, shape[0], option.group_size, scheme))
+    return float(option.bits * numel + scale_overhead_bits(numel, shape[0], option.group_size, scheme, scale_bits))
 
 
 def sample_rows(c_out: int, max_rows: int) -> torch.Tensor:
@@ -175,6 +176,7 @@ def estimate_layer(
     ref_var: Optional[torch.Tensor],
     scheme: str,
     max_rows: int = 16,
+    scale_bits: int = 32,
 ) -> LayerCost:
     """:class:`LayerCost` of one layer: each option's size and its noise-to-signal ratio on a
     sample of rows. ``quantize(rows, option)`` returns the dequantized rows (same shape);
@@ -189,7 +191,7 @@ def estimate_layer(
     reference = _RowReference(flat, u, rv)
     sizes, damage = [], []
     for opt in options:
-        sizes.append(option_bits(opt, weight.shape, scheme))
+        sizes.append(option_bits(opt, weight.shape, scheme, scale_bits))
         if opt.bits is None:
             damage.append(0.0)
             continue

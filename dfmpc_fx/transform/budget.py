@@ -75,7 +75,7 @@ def choose_widths(
 
         costs.append(estimate_layer(
             inp.name, inp.weight, options, quantize, _input_variance_per_weight(inp),
-            inp.bn.var if inp.bn is not None else None, cfg.scheme,
+            inp.bn.var if inp.bn is not None else None, cfg.scheme, scale_bits=cfg.scale_bits,
         ))
     raw = [list(c.damage) for c in costs]
     for c in costs:

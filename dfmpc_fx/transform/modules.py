@@ -115,26 +115,30 @@ def to_quant_module(
 
 
 def _layer_counts(module: nn.Module) -> tuple[int, int, int]:
-    """(bits, weights, stored scales plus varying zero points) of a Quant* or Packed* module."""
+    """(bits, weights, bits of the stored scales plus varying zero points) of a Quant* or
+    Packed* module; scales count at their stored width (float32, or float16)."""
     numel = int(module.numel) if hasattr(module, "numel") and isinstance(module.numel, int) else module.weight.numel()
-    params = module.weight_scale.numel()
+    scale = module.weight_scale
+    params = scale.numel() * scale.element_size() * 8
     if str(module.scheme) in ("asymmetric", "dorefa"):
-        params += module.weight_zero_point.numel()
+        zp = module.weight_zero_point
+        params += zp.numel() * zp.element_size() * 8
     return int(module.w_bits), numel, params
 
 
 def quantized_layer_bytes(module: nn.Module) -> int:
-    """Theoretical bytes of one quantized layer's weight: ``ceil(bits * numel / 8)`` plus 4 bytes
-    per stored scale and, for schemes with a varying zero point (asymmetric, dorefa), 4 per zero
-    point. Counts the buffers the module holds (float32, shape (C,), (1,) or (C, G)), so grouped
-    and per-channel layers are sized alike; bias is not included. Accepts Quant* and Packed*
-    modules (a packed layer's ``packed`` buffer is this codes term, up to per-plane padding)."""
-    bits, numel, params = _layer_counts(module)
-    return math.ceil(bits * numel / 8) + 4 * params
+    """Theoretical bytes of one quantized layer's weight: ``ceil(bits * numel / 8)`` plus the
+    stored scales (4 bytes each in float32, 2 in float16) and, for schemes with a varying zero
+    point (asymmetric, dorefa), the zero points at the same width. Counts the buffers the module
+    holds (shape (C,), (1,) or (C, G)), so grouped and per-channel layers are sized alike; bias
+    is not included. Accepts Quant* and Packed* modules (a packed layer's ``packed`` buffer is
+    this codes term, up to per-plane padding)."""
+    bits, numel, param_bits = _layer_counts(module)
+    return math.ceil(bits * numel / 8) + math.ceil(param_bits / 8)
 
 
 def quantized_layer_bits(module: nn.Module) -> int:
     """The same size in bits, without rounding the codes up to whole bytes (what a budget in
     bits per weight averages)."""
-    bits, numel, params = _layer_counts(module)
-    return bits * numel + 32 * params
+    bits, numel, param_bits = _layer_counts(module)
+    return bits * numel + param_bits

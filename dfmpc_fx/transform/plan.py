@@ -82,10 +82,13 @@ class LayerPlan:
 def quantize_for(ref: torch.Tensor, bits: int, cfg: DFMPCConfig, group_size: Optional[int] = None) -> QuantizedWeight:
     """The quantizer the configuration names (the paper's TWN/DoReFa per layer, or ours)."""
     if cfg.method == "paper":
-        return quantize_weight(ref, bits, scheme="ternary" if bits == 2 else "dorefa", per_channel=False)
-    if group_size is not None:
-        return quantize_weight(ref, bits, scheme=cfg.scheme, per_channel=True, group_size=group_size)
-    return quantize_weight(ref, bits, scheme=cfg.scheme, per_channel=cfg.granularity == "per_channel")
+        qw = quantize_weight(ref, bits, scheme="ternary" if bits == 2 else "dorefa", per_channel=False)
+    elif group_size is not None:
+        qw = quantize_weight(ref, bits, scheme=cfg.scheme, per_channel=True, group_size=group_size)
+    else:
+        qw = quantize_weight(ref, bits, scheme=cfg.scheme, per_channel=cfg.granularity == "per_channel")
+    # "float32" keeps the weight's own dtype (exact); "float16" stores scales at half the bytes
+    return qw.with_scale_dtype(torch.float16) if cfg.scale_bits == 16 else qw
 
 
 def plan_layer(inp: LayerInputs, cfg: DFMPCConfig) -> LayerPlan:
