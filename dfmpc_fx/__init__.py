@@ -14,7 +14,7 @@ from .graph.pairs import CompensablePair, PairSearch, Refusal, find_compensable_
 from .numerics.quant import QuantizedWeight, fake_quantize_weight
 from .transform.report import CompressionReport, LayerReport, get_report
 from .artifacts.serialization import SerializationError, load, save
-from .transform.compress import NoCompensablePairWarning, compress, swap_compressed_modules
+from .transform.compress import DefaultBudgetWarning, NoCompensablePairWarning, compress, swap_compressed_modules
 
 from ._version import __version__
 
@@ -53,5 +53,6 @@ __all__ = [
     "InvalidModelError",
     "ExportError",
     "NoCompensablePairWarning",
+    "DefaultBudgetWarning",
     "__version__",
 ]

@@ -13,6 +13,20 @@ GRANULARITIES: tuple[str, ...] = ("per_channel", "per_tensor")
 SCHEMES: tuple[str, ...] = ("symmetric", "asymmetric")
 SCALE_RULES: tuple[str, ...] = ("batchnorm", "least_squares", "variance")
 SCALE_DTYPE_NAMES: tuple[str, ...] = ("auto", "float32", "float16")
+#: The size budget a configuration gets when it names no bit layout (``target_bits="auto"``).
+DEFAULT_TARGET_BITS: float = 4.0
+#: The fields that set an explicit pair layout instead of a size budget.
+LAYOUT_FIELDS: tuple[str, ...] = ("low_bits", "high_bits", "default_bits", "first_last_bits")
+
+
+class _Unset(int):
+    """The default of a layout field, as an ``int`` that remembers it was not given: an explicit
+    ``low_bits=2`` is a plain ``int`` and selects the pair layout; the default does not."""
+
+    def __repr__(self) -> str:
+        return int.__repr__(self)
+
+    __str__ = __repr__
 
 
 @dataclass(frozen=True)
@@ -50,6 +64,11 @@ class DFMPCConfig:
             ``candidate_bits`` x (per-channel, ``group_sizes``) by a data-free estimate of the
             damage left after correction. Replaces ``low_bits``/``high_bits``/
             ``default_bits``/``first_last_bits`` (pin layers with ``fixed_bits`` instead).
+            ``"auto"`` (the default) is ``DEFAULT_TARGET_BITS`` = 4.0 unless a layout is named:
+            any of ``low_bits``/``high_bits``/``default_bits``/``first_last_bits`` given,
+            ``target_bytes``, or ``method="paper"``; ``None`` is the explicit pair layout (with
+            the fields above at their defaults: the paper's MP2/6, the default of 0.1).
+            After construction ``target_bits`` holds the resolved value (a number or None).
         target_bytes: the same budget as a whole-model size (``get_report(q).compressed_bytes``).
         candidate_bits: widths the allocator may choose.
         group_sizes: scale groups the allocator may choose besides one scale per output channel
@@ -62,10 +81,10 @@ class DFMPCConfig:
             bit-identical to earlier releases).
     """
 
-    low_bits: int = 2
-    high_bits: int = 6
-    default_bits: Optional[int] = 8
-    first_last_bits: Optional[int] = 8
+    low_bits: int = _Unset(2)
+    high_bits: int = _Unset(6)
+    default_bits: Optional[int] = _Unset(8)
+    first_last_bits: Optional[int] = _Unset(8)
     method: str = "dfmpc"
     compensate: bool = True
     lambda1: float = 0.5
@@ -78,7 +97,7 @@ class DFMPCConfig:
     input_std: float = 1.0
     max_bits: int = 8
     skip_layers: tuple[str, ...] = field(default_factory=tuple)
-    target_bits: Optional[float] = None
+    target_bits: Optional[float] | str = "auto"
     target_bytes: Optional[int] = None
     candidate_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
     group_sizes: tuple[int, ...] = ()
@@ -86,6 +105,7 @@ class DFMPCConfig:
     scale_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        self._resolve_target()
         def check_bits(name: str, value: Any, lo: int, hi: int) -> None:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
@@ -126,6 +146,30 @@ class DFMPCConfig:
         if self.scale_dtype not in SCALE_DTYPE_NAMES:
             raise ConfigError(f"unknown scale_dtype {self.scale_dtype!r}: use one of {', '.join(SCALE_DTYPE_NAMES)}")
         self._check_budget()
+
+    def _resolve_target(self) -> None:
+        """``target_bits="auto"``: the default size budget unless a layout is named (any of
+        :data:`LAYOUT_FIELDS` given, ``target_bytes``, or ``method="paper"``)."""
+        explicit = [name for name in LAYOUT_FIELDS if not isinstance(getattr(self, name), _Unset)]
+        auto = isinstance(self.target_bits, str) and self.target_bits == "auto"
+        object.__setattr__(self, "_budget_auto", auto)
+        if auto:
+            layout = explicit or self.target_bytes is not None or self.method != "dfmpc"
+            object.__setattr__(self, "target_bits", None if layout else DEFAULT_TARGET_BITS)
+        elif isinstance(self.target_bits, str):
+            raise ConfigError(f"target_bits={self.target_bits!r} must be a number in (0, 32] (average bits per "
+                              "weight), 'auto' or None")
+        for name in LAYOUT_FIELDS:  # plain ints from here on (pickles and JSON see no marker type)
+            value = getattr(self, name)
+            if isinstance(value, _Unset):
+                object.__setattr__(self, name, int(value))
+
+    @property
+    def budget_is_default(self) -> bool:
+        """Whether the budget is the default one (``target_bits="auto"`` with no layout named):
+        naming a layout field later (``compress(model, cfg, low_bits=3)``) then selects the
+        pair layout instead of clashing with a budget the user never asked for."""
+        return bool(getattr(self, "_budget_auto", False)) and self.target_bits is not None
 
     @property
     def scale_bits(self) -> int:
@@ -176,7 +220,8 @@ class DFMPCConfig:
         if clashing:
             raise ConfigError(
                 f"{', '.join(clashing)} and a size budget both set bit widths: drop {', '.join(clashing)} "
-                "(the allocator chooses every width; pin layers with fixed_bits={'name': bits}) or drop target_bits/target_bytes"
+                "(the allocator chooses every width; pin layers with fixed_bits={'name': bits}) or pass "
+                "target_bits=None for the explicit pair layout"
             )
 
     def to_dict(self) -> dict[str, Any]:

@@ -506,7 +506,9 @@ def test_default_store_is_sqlite_in_working_directory(tmp_path: Path) -> None:
     client = MlflowClient(tracking.default_tracking_uri(tmp_path))
     run = client.get_run(cb.run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.params["dfmpc.low_bits"] == "2" and run.data.params["bits.conv2"] == "2"
+    # the default is the size budget of 4 bits per weight
+    assert run.data.params["dfmpc.target_bits"] == "4.0" and run.data.params["bits.conv2"] in {"2", "3", "4", "5", "6", "8"}
+    assert run.data.metrics["bits_per_weight"] <= 4.0
     assert "dfmpc/val_acc" in run.data.metrics and "weight_rel_error/conv2" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(cb.run_id, "dfmpc")}
     assert {"dfmpc/report.json", "dfmpc/model.ts", "dfmpc/layers.png", "dfmpc/report.md"} <= artifacts

@@ -103,7 +103,7 @@ def test_layer_subclass_with_own_forward_is_quantized_keeping_its_forward(conv_c
     assert report["c1"].bits == 16
     refusal = {r["layer"]: r["reason"] for r in get_report(q).refusals}
     assert refusal["c1"] == OWN_FORWARD  # its channel scales are not its weight's: no pair
-    q8 = dfmpc_fx.compress(model, example_inputs=x)  # default bits: runs, stays close
+    q8 = dfmpc_fx.compress(model, example_inputs=x, default_bits=8)  # 8 bits: runs, stays close
     assert type(q8.c1) is conv_cls and rel(q8(x), model(x)) < 0.1
 
 
@@ -181,10 +181,12 @@ def test_output_module_keeps_forward_and_signature() -> None:
 def test_bare_layer() -> None:
     layer = nn.Linear(384, 384)
     x = torch.randn(4, 384)
-    q = dfmpc_fx.compress(layer, example_inputs=x)  # old code: InvalidModelError
+    q = dfmpc_fx.compress(layer, example_inputs=x, default_bits=8)  # old code: InvalidModelError
     assert isinstance(q, dfmpc_fx.QuantLinear) and q.w_bits == 8
     assert rel(q(x), layer(x)) < 0.02
     assert [(l.name, l.bits) for l in get_report(q).layers] == [("", 8)]
+    budget = dfmpc_fx.compress(layer, example_inputs=x)  # the default size budget: 4 bits/w, scales counted
+    assert isinstance(budget, dfmpc_fx.QuantLinear) and get_report(budget).bits_per_weight <= 4.0
     conv = nn.Conv2d(3, 4, 3)
     assert isinstance(dfmpc_fx.compress(conv, BITS16), dfmpc_fx.QuantConv2d)
 
@@ -313,7 +315,7 @@ def test_bert_model_compresses_in_one_call_and_serves_sentence_transformers(monk
     st = st_mod.SentenceTransformer(str(minilm.get_model_path()), device="cpu")
     bert = st[0].model
     ref = st.encode(sentences, convert_to_tensor=True, batch_size=64)
-    q = dfmpc_fx.compress(bert)  # transformers 5 has no fx tracer: compressed part by part
+    q = dfmpc_fx.compress(bert, default_bits=8)  # transformers 5 has no fx tracer: compressed part by part
     assert type(q) is type(bert) and q is not bert
     report = get_report(q)
     assert {l.bits for l in report.layers} == {8}
@@ -346,7 +348,7 @@ def test_untraceable_model_by_parts_on_request() -> None:
     report = get_report(q)
     assert [l.name for l in report.layers] == ["block.0", "block.2", "head"]
     assert report.pairs == ["block: 0 -> 1 (ReLU) -> 2"]  # first/last pins are not applied per part
-    q = dfmpc_fx.compress(model, untraceable="parts")
+    q = dfmpc_fx.compress(model, untraceable="parts", low_bits=2, high_bits=6)
     assert [(l.name, l.bits) for l in get_report(q).layers] == [("block.0", 2), ("block.2", 6), ("head", 8)]
     assert rel(q(x), model(x)) < 0.5
 

@@ -105,7 +105,7 @@ def test_compress_works_without_lightning_and_mlflow(tmp_path: Path) -> None:
         block = lambda i, o: [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU()]
         net = nn.Sequential(*block(3, 8), *block(8, 8), *block(8, 8), *block(8, 8),
                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
-        q = dfmpc_fx.compress(net)
+        q = dfmpc_fx.compress(net, low_bits=2, high_bits=6)
         assert dfmpc_fx.get_report(q).num_pairs >= 1
         x = torch.randn(2, 3, 8, 8)
         assert q(x).shape == (2, 4)

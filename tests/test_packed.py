@@ -259,11 +259,14 @@ def test_save_refuses_off_grid_model(tmp_path):
 def test_float64_model_packs_exactly():
     model, x = _model_and_input("2d")
     model = model.double()
-    qmodel = dfmpc_fx.compress(model)
-    packed = pack_model(qmodel)
-    assert packed.get_submodule("c3").weight_scale.dtype == torch.float64
-    with torch.no_grad():
-        assert torch.equal(packed(x.double()), qmodel(x.double()))
+    for scale_dtype, stored in (("float32", torch.float64), ("auto", torch.float16)):
+        # "float32" keeps the weight's own dtype; under the default budget scales are float16
+        qmodel = dfmpc_fx.compress(model, scale_dtype=scale_dtype)
+        packed = pack_model(qmodel)
+        assert packed.get_submodule("c3").weight_scale.dtype == stored
+        assert packed.get_submodule("c3").dequantize_weight().dtype == torch.float64
+        with torch.no_grad():
+            assert torch.equal(packed(x.double()), qmodel(x.double()))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

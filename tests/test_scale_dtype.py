@@ -54,7 +54,8 @@ def _quant_layers(q):
 
 
 def test_config_resolves_and_validates():
-    assert dfmpc_fx.DFMPCConfig().scale_bits == 32
+    assert dfmpc_fx.DFMPCConfig().scale_bits == 16  # the default is a size budget
+    assert dfmpc_fx.DFMPCConfig(target_bits=None).scale_bits == 32
     assert dfmpc_fx.DFMPCConfig(target_bits=3.0).scale_bits == 16
     assert dfmpc_fx.DFMPCConfig(target_bits=3.0, scale_dtype="float32").scale_bits == 32
     assert dfmpc_fx.DFMPCConfig(scale_dtype="float16").scale_bits == 16
@@ -104,9 +105,9 @@ def test_float16_buys_bits_on_depthwise(net):
 
 
 def test_layouts_without_budget_keep_float32(net):
-    q = dfmpc_fx.compress(net)
+    q = dfmpc_fx.compress(net, target_bits=None)  # the paper's MP2/6 layout
     assert all(m.weight_scale.dtype == torch.float32 for _, m in _quant_layers(q))
-    q16 = dfmpc_fx.compress(net, scale_dtype="float16")
+    q16 = dfmpc_fx.compress(net, target_bits=None, scale_dtype="float16")
     assert all(m.weight_scale.dtype == torch.float16 for _, m in _quant_layers(q16))
     assert dfmpc_fx.get_report(q16).compressed_bytes < dfmpc_fx.get_report(q).compressed_bytes
 
@@ -157,3 +158,34 @@ def test_onnx_float16_scales(tmp_path, net):
     (got,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():
         assert float((torch.from_numpy(got) - q(x)).abs().max()) < 1e-4
+
+
+def test_default_is_a_budget_and_naming_a_layout_selects_it():
+    C = dfmpc_fx.DFMPCConfig
+    assert C().target_bits == 4.0 and C().budget_is_default
+    assert C(compensate=False).target_bits == 4.0
+    for layout in (dict(low_bits=2), dict(high_bits=6), dict(default_bits=8), dict(first_last_bits=None),
+                   dict(method="paper"), dict(target_bits=None)):
+        assert C(**layout).target_bits is None, layout
+    assert C(target_bytes=1000).target_bits is None and C(target_bytes=1000).has_budget
+    assert C(target_bits=3.0).target_bits == 3.0 and not C(target_bits=3.0).budget_is_default
+    assert type(C().low_bits) is int  # no marker type leaks into pickles, JSON or MLflow params
+    assert C.from_dict(C().to_dict()) == C()
+
+
+def test_compress_overrides_on_a_default_config_select_the_layout(net):
+    q = dfmpc_fx.compress(net, dfmpc_fx.DFMPCConfig(), low_bits=3)
+    rep = dfmpc_fx.get_report(q)
+    assert rep.target_bits is None and rep.num_pairs >= 1
+    with pytest.raises(dfmpc_fx.ConfigError, match="target_bits=None"):
+        dfmpc_fx.compress(net, dfmpc_fx.DFMPCConfig(target_bits=3.0), low_bits=3)
+
+
+def test_default_budget_out_of_reach_warns_and_takes_the_smallest():
+    tiny = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)).eval()  # 16-bit scales on 2-3 weights a row
+    with pytest.warns(dfmpc_fx.DefaultBudgetWarning, match="default budget"):
+        q = dfmpc_fx.compress(tiny)
+    rep = dfmpc_fx.get_report(q)
+    assert all(l.bits == 2 for l in rep.layers) and any("default budget" in w for w in rep.warnings)
+    with pytest.raises(dfmpc_fx.ConfigError, match="smallest"):
+        dfmpc_fx.compress(tiny, target_bits=4.0)  # an explicit budget out of reach stays an error

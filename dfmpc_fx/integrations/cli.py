@@ -24,10 +24,12 @@ EXIT_MODEL = 4  # the model cannot be traced by torch.fx or cannot be compressed
 DESCRIPTION = """\
 dfmpc: data-free mixed-precision compression (DF-MPC) of trained PyTorch networks.
 
-DF-MPC needs no data: in every compensable pair of layers (a conv/linear followed, through
-BatchNorm and ReLU, by the next conv/linear) the first layer is quantized to very few bits
-(--low-bits, 2 by default) and the second one to more bits (--high-bits, 6) with coefficients
-that compensate the error of the first. Other layers get --default-bits (8).
+DF-MPC needs no data. By default `compress` meets a size budget of 4 bits per weight
+(--target-bits, scales counted): each layer's width is chosen from a data-free estimate of the
+damage left after the BatchNorm statistics correction. Naming a pair layout instead
+(--low-bits/--high-bits/--default-bits/--first-last-bits, or --method paper) quantizes the first
+layer of every compensable pair to very few bits and the second to more bits, with coefficients
+that compensate the error of the first (the paper's MP2/6: --low-bits 2 --high-bits 6).
 """
 
 EPILOG = """\
@@ -44,6 +46,7 @@ Use --weights FILE to load trained weights (a state dict saved with torch.save, 
 
 examples:
   dfmpc pairs torchvision:resnet18
+  dfmpc compress torchvision:resnet18 --target-bits 3 --out resnet18_3bit.ts
   dfmpc compress torchvision:resnet18 --low-bits 2 --high-bits 6 --out resnet18_mp26.ts
   dfmpc compress zoo:resnet20 --weights checkpoints/resnet20.pt --out r20.ts \\
         --report r20.json --markdown r20.md --mlflow-uri sqlite:///mlflow.db
@@ -159,13 +162,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help="export the fake-quant float weights instead (same outputs, float-sized file)")
     comp.add_argument("--target-bits", type=float, default=None, metavar="B",
                       help="size budget: average bits per conv/linear weight, scales counted; the widths are chosen per layer "
-                           "(replaces --low-bits/--high-bits/--default-bits/--first-last-bits)")
+                           "(default 4 unless a pair layout is named with --low-bits/--high-bits/--default-bits/--first-last-bits)")
     comp.add_argument("--target-bytes", type=int, default=None, metavar="N",
                       help="size budget as whole-model bytes (the report's compressed_bytes)")
-    comp.add_argument("--low-bits", type=_bits, default=2, metavar="N", help="bits of the first layer of each pair (2-4, default 2)")
-    comp.add_argument("--high-bits", type=_bits, default=6, metavar="N", help="bits of the second layer of each pair (6-8, default 6)")
-    comp.add_argument("--default-bits", type=_bits_or_none, default=8, metavar="N", help="bits of layers in no pair (default 8; 'none' keeps them float)")
-    comp.add_argument("--first-last-bits", type=_bits_or_none, default=8, metavar="N", help="bits of the first and last layer (default 8; 'none': no special case)")
+    # not given: absent from the namespace (SUPPRESS), so that naming any of them selects the layout
+    comp.add_argument("--low-bits", type=_bits, default=argparse.SUPPRESS, metavar="N",
+                      help="pair layout: bits of the first layer of each pair (2-4, default 2)")
+    comp.add_argument("--high-bits", type=_bits, default=argparse.SUPPRESS, metavar="N",
+                      help="pair layout: bits of the second layer of each pair (6-8, default 6)")
+    comp.add_argument("--default-bits", type=_bits_or_none, default=argparse.SUPPRESS, metavar="N",
+                      help="pair layout: bits of layers in no pair (default 8; 'none' keeps them float)")
+    comp.add_argument("--first-last-bits", type=_bits_or_none, default=argparse.SUPPRESS, metavar="N",
+                      help="pair layout: bits of the first and last layer (default 8; 'none': no special case)")
     comp.add_argument("--method", choices=("dfmpc", "paper"), default="dfmpc", help="'dfmpc' (default) or 'paper' (the published formulas, for reproduction)")
     comp.add_argument("--no-compensate", action="store_true", help="plain mixed precision, same bits, no compensation")
     comp.add_argument("--input-shape", type=_shape, metavar="N,C,H,W", help="example input shape for the export (default 1,3,224,224; zoo models 1,1,28,28)")
@@ -458,14 +466,13 @@ def cmd_compress(args: argparse.Namespace, out: Any, err: Any) -> int:
     from . import tracking
 
     try:
+        layout = {name: getattr(args, name) for name in ("low_bits", "high_bits", "default_bits", "first_last_bits")
+                  if hasattr(args, name)}
         cfg = dfmpc_fx.DFMPCConfig(
-            low_bits=args.low_bits,
-            high_bits=args.high_bits,
-            default_bits=args.default_bits,
-            first_last_bits=args.first_last_bits,
+            **layout,
             method=args.method,
             compensate=not args.no_compensate,
-            target_bits=args.target_bits,
+            target_bits="auto" if args.target_bits is None else args.target_bits,
             target_bytes=args.target_bytes,
         )
     except dfmpc_fx.ConfigError as exc:

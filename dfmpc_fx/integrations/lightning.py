@@ -479,7 +479,7 @@ class DFMPCCallback(Callback):
         search = dfmpc_fx.find_compensable_pairs(
             net, concrete_args=self.concrete_args, leaf_modules=self._leaf_modules_arg()
         )  # raises TraceError now rather than after hours of training
-        if not search.pairs:
+        if not search.pairs and not self.config.has_budget:
             rank_zero_warn(
                 f"DFMPCCallback: no compensable layer pairs in {type(net).__name__}; layers will get "
                 f"default_bits={self.config.default_bits} without compensation "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -13,7 +14,12 @@ from ..errors import ConfigError
 from ..numerics.allocation import Candidate, InfeasibleBudget, LayerCost, allocate, estimate_layer
 from .plan import LayerInputs, quantize_for
 
-__all__ = ["BudgetChoice", "choose_widths", "candidates_for"]
+__all__ = ["BudgetChoice", "choose_widths", "candidates_for", "DefaultBudgetWarning"]
+
+
+class DefaultBudgetWarning(UserWarning):
+    """The default size budget (no ``target_bits`` given) is below what the model can reach:
+    it was compressed to its smallest size instead."""
 
 
 @dataclass
@@ -55,9 +61,11 @@ def _input_variance_per_weight(inp: LayerInputs) -> Optional[torch.Tensor]:
 
 def choose_widths(
     inputs: list[LayerInputs], cfg: DFMPCConfig, fixed_weight_bits: float, all_weights: int, fixed_other_bits: float,
-    gains: dict[str, float],
+    gains: dict[str, float], notes: Optional[list[str]] = None,
 ) -> dict[str, BudgetChoice]:
     """Widths and granularities of the quantizable layers ``inputs`` under the configured budget.
+    ``notes`` receives the warning when the default budget is out of this model's reach (its
+    smallest size is used then; an explicit budget out of reach is a ConfigError).
 
     ``fixed_weight_bits``: bits of conv/linear weights that stay in float whatever the budget
     (skipped or unreachable layers, 32 bits each); ``all_weights``: the number of conv/linear
@@ -93,11 +101,26 @@ def choose_widths(
             reach = f"target_bits={math.ceil(smallest / all_weights * 1000) / 1000:.3f}"
         else:
             reach = f"target_bytes={math.ceil((smallest + fixed_other_bits) / 8)}"
+        if cfg.budget_is_default:
+            # The user asked for no size: a tiny model (scales dominate, float layers) gets its
+            # smallest size with a warning instead of an error about a budget it never set.
+            note = (f"the default budget target_bits={cfg.target_bits:g} is below the smallest this model can be "
+                    f"made ({reach}): every layer got its smallest option; pass target_bits=... or a layout to choose")
+            warnings.warn(note, DefaultBudgetWarning, stacklevel=2)
+            if notes is not None:
+                notes.append(note)
+            choice = allocate(costs, exc.smallest)
+            return _choices(inputs, costs, choice, raw, gains)
         raise ConfigError(
             f"the size budget cannot be reached: the smallest this model can be made with candidate_bits="
             f"{cfg.candidate_bits}, group_sizes={cfg.group_sizes}, fixed_bits and skip_layers as given is {reach}; "
             "raise the budget, allow lower candidate_bits, or pin fewer layers"
         ) from None
+    return _choices(inputs, costs, choice, raw, gains)
+
+
+def _choices(inputs: list[LayerInputs], costs: list, choice: list[int], raw: list[list[float]],
+             gains: dict[str, float]) -> dict[str, BudgetChoice]:
     out: dict[str, BudgetChoice] = {}
     for inp, cost, idx, nsr in zip(inputs, costs, choice, raw):
         out[inp.name] = BudgetChoice(

@@ -20,10 +20,10 @@ from torch.fx import GraphModule, Node
 from ..numerics import compensation as cmath
 from ..graph.bits import BitPlan, assign_bits, budget_roles
 from ..numerics.compensation import ChannelMoments
-from ..config import DFMPCConfig
+from ..config import LAYOUT_FIELDS, DFMPCConfig
 from ..errors import CompressedModelError, ConfigError, InvalidModelError, TraceError
 from .apply import apply_plans
-from .budget import choose_widths
+from .budget import DefaultBudgetWarning, choose_widths
 from .modules import is_quant_module, quantized_layer_bits, quantized_layer_bytes, to_quant_module
 from .plan import BatchNormState, LayerInputs, LayerPlan, plan_layer, quantize_for
 from ..graph.moments import propagate_moments
@@ -32,7 +32,7 @@ from ..graph.pairs import BATCHNORM_MODULES, WEIGHTED_MODULES, _consumers, searc
 from .report import REPORT_KEY, CompressionReport, LayerReport, get_report
 from ..graph.tracing import LeafSpec, structural_copy, trace_model
 
-__all__ = ["compress", "swap_compressed_modules", "NoCompensablePairWarning"]
+__all__ = ["compress", "swap_compressed_modules", "NoCompensablePairWarning", "DefaultBudgetWarning"]
 
 
 class NoCompensablePairWarning(UserWarning):
@@ -377,6 +377,10 @@ def compress(
         raise ConfigError(f"config must be a DFMPCConfig, got {type(config).__name__}")
     cfg = config or DFMPCConfig()
     if overrides:
+        names_layout = (any(k in overrides for k in (*LAYOUT_FIELDS, "target_bytes"))
+                        or overrides.get("method", "dfmpc") != "dfmpc")
+        if cfg.budget_is_default and "target_bits" not in overrides and names_layout:
+            overrides = {"target_bits": None, **overrides}  # a layout named now replaces the default budget
         try:
             cfg = dataclasses.replace(cfg, **overrides)
         except TypeError as exc:
@@ -503,12 +507,13 @@ def _plan_under_budget(
     weight_count: int,
     float_bytes: int,
     gains: dict[str, float],
+    notes: list[str],
 ) -> list[LayerPlan]:
     inputs = [_layer_inputs(name, modules, call_counts, first_node[name], plan, moments, None, cfg) for name in layers]
     quantizable = [inp for inp in inputs if inp.bits is not None]
     fixed_weight_bits = 32.0 * (weight_count - sum(inp.weight.numel() for inp in quantizable))
     fixed_other_bits = 8.0 * float_bytes - 32.0 * weight_count
-    choices = choose_widths(quantizable, cfg, fixed_weight_bits, weight_count, fixed_other_bits, gains)
+    choices = choose_widths(quantizable, cfg, fixed_weight_bits, weight_count, fixed_other_bits, gains, notes)
     plans = []
     for inp in inputs:
         choice = choices.get(inp.name)
@@ -581,7 +586,8 @@ def _plan_layers(
             first_node.setdefault(str(node.target), node)
     if cfg.has_budget:
         gains = output_noise_gains(gm, moments)
-        return _plan_under_budget(modules, call_counts, first_node, plan, layers, moments, cfg, weight_count, float_bytes, gains)
+        return _plan_under_budget(modules, call_counts, first_node, plan, layers, moments, cfg, weight_count, float_bytes, gains,
+                                  report_warnings)
     incoming: dict[str, tuple[torch.Tensor, int]] = {}
     plans: list[LayerPlan] = []
     for name in layers:
