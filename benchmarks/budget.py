@@ -52,7 +52,7 @@ def rows() -> list[dict[str, Any]]:
     out += [{"key": f"alloc@{b}", "kind": "compress", "family": "allocator", "config": {"target_bits": b}} for b in BUDGETS]
     out += [{"key": f"uniform_corr@W{b}", "kind": "compress", "family": "uniform corrected", "config": _uniform(b)} for b in (2, 3, 4)]
     out += [{"key": "uniform_plain@W3", "kind": "compress", "family": "uniform plain", "config": _uniform(3, compensate=False)}]
-    out += [{"key": "mp26", "kind": "compress", "family": "MP layout", "config": {}},
+    out += [{"key": "mp26", "kind": "compress", "family": "MP layout", "config": {"low_bits": 2, "high_bits": 6}},
             {"key": "mp36", "kind": "compress", "family": "MP layout", "config": {"low_bits": 3}},
             {"key": "paper@MP2/6", "kind": "compress", "family": "paper", "config": {"method": "paper"}},
             {"key": "alloc@mp26_bytes", "kind": "compress", "family": "allocator", "config": {"target_bytes": "mp26"}}]

@@ -15,10 +15,10 @@ import dfmpc_fx
 from dfmpc_fx.examples.zoo import MODELS, load_pretrained  # noqa: E402
 
 CONFIGS = {
-    "mp26": {},
+    "mp26": {"low_bits": 2, "high_bits": 6},
     "mp36": {"low_bits": 3},
     "uniform3": {"low_bits": 3, "high_bits": 3, "default_bits": 3, "max_bits": 16},
-    "plain": {"compensate": False},
+    "plain": {"low_bits": 2, "high_bits": 6, "compensate": False},
     "paper": {"method": "paper"},
 }
 

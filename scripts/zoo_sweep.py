@@ -138,7 +138,7 @@ def run_model(name: str, image_size: int, result_path: Path, formats: list[str])
         stage("compress")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            qmodel = timed("compress", lambda: dfmpc_fx.compress(model, dfmpc_fx.DFMPCConfig()))
+            qmodel = timed("compress", lambda: dfmpc_fx.compress(model, dfmpc_fx.DFMPCConfig(low_bits=2, high_bits=6)))
         res["warnings"] = sorted({type(w.message).__name__ for w in caught if issubclass(w.category, dfmpc_fx.NoCompensablePairWarning)})
         report = dfmpc_fx.get_report(qmodel)
         res["compress_s"] = round(report.compress_seconds, 2)
@@ -261,7 +261,7 @@ def write_markdown(results: list[dict[str, Any]], skipped: list[tuple[str, Optio
         f"- Every `torchvision.models.list_models(module=torchvision.models)` classification model with at most "
         f"{MAX_PARAMS / 1e6:.0f}M parameters; `weights=None` (random weights) and random BatchNorm statistics "
         "(running mean, running variance, weight, bias); input 1x3x{0}x{0}.".format(args.image_size),
-        "- Config: `DFMPCConfig()` (2/6 bits in pairs, 8 bits elsewhere and for the first and last layers).",
+        "- Config: `DFMPCConfig(low_bits=2, high_bits=6)` (2/6 bits in pairs, 8 bits elsewhere and for the first and last layers).",
         "- Columns: *layers* = Conv/Linear modules reached by the traced forward; *pairs* = compensable pairs found "
         "(those used after bit assignment in brackets); *refusals* = refused candidates by reason; *16-bit* = relative "
         f"output error of a compression at 16 bits against the float model (function preserved if < {CHECK16_TOL:g}); "
