@@ -46,8 +46,13 @@ def _uniform(bits: int, compensate: bool = True) -> dict[str, Any]:
     return dict(low_bits=bits, high_bits=bits, default_bits=bits, first_last_bits=8, max_bits=16, compensate=compensate)
 
 
-def rows() -> list[dict[str, Any]]:
-    """The rows of one model, in run order (``alloc@mp26`` needs the ``mp26`` row's size)."""
+PEER_FAMILY = "peers (equalization + uniform)"
+
+
+def rows(peers: bool = False) -> list[dict[str, Any]]:
+    """The rows of one model, in run order (``alloc@mp26`` needs the ``mp26`` row's size);
+    ``peers``: AIMET / Brevitas equalization, then uniform W3/W4 (8-bit first/last) without
+    correction (``benchmarks/peers.py``; skipped with the reason where not installed)."""
     out: list[dict[str, Any]] = [{"key": "fp32", "kind": "fp32", "family": "fp32"}]
     out += [{"key": f"alloc@{b}", "kind": "compress", "family": "allocator", "config": {"target_bits": b}} for b in BUDGETS]
     out += [{"key": f"uniform_corr@W{b}", "kind": "compress", "family": "uniform corrected", "config": _uniform(b)} for b in (2, 3, 4)]
@@ -59,7 +64,18 @@ def rows() -> list[dict[str, Any]]:
     out += [{"key": f"hqq@W{b}g{g}", "kind": "hqq", "family": "HQQ", "bits": b, "group": g}
             for b, g in ((2, 64), (3, 64), (4, 64), (2, 32))]
     out += [{"key": "bn_ref@alloc3.0", "kind": "bn_ref", "family": "data-aware reference", "config": {"target_bits": 3.0}}]
+    if peers:
+        out += [{"key": f"{peer}@W{b}", "kind": "peer", "family": PEER_FAMILY, "peer": peer,
+                 "config": _uniform(b, compensate=False)} for peer in ("aimet", "brevitas") for b in (3, 4)]
     return out
+
+
+def _peers_module():
+    spec = importlib.util.spec_from_file_location("benchmarks_peers", REPO / "benchmarks" / "peers.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["benchmarks_peers"] = mod
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
 
 
 def _accuracy_module():
@@ -103,7 +119,7 @@ def hqq_model(model, bits: int, group: int):
     return q.eval(), weight_bits / numel, int(math.ceil(weight_bits / 8) + other)
 
 
-def run_model(name: str, subset: Optional[int], threads: int) -> dict[str, Any]:
+def run_model(name: str, subset: Optional[int], threads: int, peers: bool = False) -> dict[str, Any]:
     import torch
 
     import dfmpc_fx
@@ -119,7 +135,7 @@ def run_model(name: str, subset: Optional[int], threads: int) -> dict[str, Any]:
     out: dict[str, Any] = {"rows": []}
     sizes: dict[str, int] = {}
     t_model = time.perf_counter()
-    for row in rows():
+    for row in rows(peers):
         t0 = time.perf_counter()
         res = {k: v for k, v in row.items() if k != "config"}
         res["config"] = dict(row.get("config", {}))
@@ -142,6 +158,16 @@ def run_model(name: str, subset: Optional[int], threads: int) -> dict[str, Any]:
                            widths={l.name: (l.bits, l.group_size) for l in rep.layers})
                 if row["kind"] == "bn_ref":
                     acc.reestimate_batchnorm(final, calibration_subset(2000, seed=0))
+            elif row["kind"] == "peer":
+                got = _peers_module().run_peer(row["peer"], model, dfmpc_fx.DFMPCConfig(**res["config"]))
+                if got.get("skipped"):
+                    res["skipped"] = got["reason"]
+                    out["rows"].append(res)
+                    print(f"{name:20s} {row['key']:20s} skipped: {res['skipped']}", flush=True)
+                    continue
+                final = got["model"]
+                rep = dfmpc_fx.get_report(final)
+                res.update(bits_per_weight=rep.bits_per_weight, bytes=rep.compressed_bytes, detail=got["detail"])
             elif row["kind"] == "hqq":
                 final, bpw, nbytes = hqq_model(model, row["bits"], row["group"])
                 res.update(bits_per_weight=bpw, bytes=nbytes)
@@ -184,7 +210,7 @@ def comparisons(mres: dict[str, Any]) -> list[dict[str, Any]]:
     for a in [r for r in rs if r["family"] == "allocator"]:
         line = {"key": a["key"], "acc": a["acc"], "bits_per_weight": a["bits_per_weight"], "bytes": a["bytes"],
                 "drop": round(fp32 - a["acc"], 2), "vs": {}}
-        for fam in ("uniform corrected", "uniform plain", "MP layout", "paper", "HQQ"):
+        for fam in ("uniform corrected", "uniform plain", "MP layout", "paper", "HQQ", PEER_FAMILY):
             rivals = [r for r in rs if r["family"] == fam and r["bytes"] <= a["bytes"]]
             if rivals:
                 best = max(rivals, key=lambda r: r["acc"])
@@ -214,12 +240,16 @@ def render(results: dict[str, Any]) -> str:
                          f"{r['bits_per_weight']:.3f} | {r['bytes'] / 1e3:.1f} |")
         lines += ["", "Equal size: each allocator point against the most accurate row of each family at the same or "
                   f"a smaller size in bytes (tie within {TIE} point counts).", "",
-                  "| allocator | top-1 @ bits/w | uniform corr. | uniform plain | MP layout | paper | HQQ |", "|---|---|---|---|---|---|---|"]
+                  "| allocator | top-1 @ bits/w | uniform corr. | uniform plain | MP layout | paper | HQQ | peers |",
+                  "|---|---|---|---|---|---|---|---|"]
         for c in comparisons(mres):
             cells = []
-            for fam in ("uniform corrected", "uniform plain", "MP layout", "paper", "HQQ"):
+            for fam in ("uniform corrected", "uniform plain", "MP layout", "paper", "HQQ", PEER_FAMILY):
                 v = c["vs"].get(fam)
-                cells.append("none smaller" if v is None else f"{v['key']} {v['acc']:.2f} {'✔' if v['ok'] else '✘'}")
+                if v is None:
+                    cells.append("none smaller" if any(r["family"] == fam and "acc" in r for r in rs) else "not run")
+                else:
+                    cells.append(f"{v['key']} {v['acc']:.2f} {'✔' if v['ok'] else '✘'}")
             lines.append(f"| {c['key']} | {c['acc']:.2f} @ {c['bits_per_weight']:.3f} | " + " | ".join(cells) + " |")
         lines.append("")
     lines.append(END)
@@ -245,7 +275,8 @@ def plot(results: dict[str, Any], path: Path = PLOT) -> None:
     names = list(results["models"])
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), squeeze=False)
     styles = {"allocator": ("o-", "C0"), "uniform corrected": ("s--", "C1"), "uniform plain": ("x", "C7"),
-              "MP layout": ("^", "C2"), "paper": ("v", "C3"), "HQQ": ("D:", "C4"), "data-aware reference": ("*", "k")}
+              "MP layout": ("^", "C2"), "paper": ("v", "C3"), "HQQ": ("D:", "C4"), "data-aware reference": ("*", "k"),
+              PEER_FAMILY: ("P", "C5")}
     for ax, name in zip(axes[0], names):
         rs = _ok(results["models"][name]["rows"])
         fp32 = next(r["acc"] for r in rs if r["key"] == "fp32")
@@ -271,6 +302,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="models evaluated in parallel")
     p.add_argument("--json", default=str(RESULTS))
     p.add_argument("--render-only", action="store_true")
+    p.add_argument("--peers", action="store_true",
+                   help="add AIMET / Brevitas equalization + uniform rows (pip install -e '.[peers]', a separate venv)")
     args = p.parse_args(argv)
     if args.render_only:
         results = json.loads(Path(args.json).read_text())
@@ -287,7 +320,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     t0 = time.perf_counter()
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     with ProcessPoolExecutor(max_workers=max(1, min(args.jobs, len(models)))) as pool:
-        futures = {m: pool.submit(run_model, m, args.subset, 1) for m in models}
+        futures = {m: pool.submit(run_model, m, args.subset, 1, args.peers) for m in models}
         results = {"models": {m: futures[m].result() for m in models}}
     import platform
 
