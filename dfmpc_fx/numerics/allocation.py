@@ -101,6 +101,20 @@ class _RowReference:
         self.ww = (self.w * self.w).sum(dim=1)
         self.signal = (self.wu * self.w).sum(dim=1) if ref_var is None else ref_var.to(torch.float64)
 
+    def ratios(self, quantized: torch.Tensor) -> list[float]:
+        """:meth:`ratio` of each option at once: ``quantized`` is ``(options, rows, K)``; one
+        batched pass instead of one small pass per option (the rows are short: calls cost)."""
+        q = quantized.to(torch.float64)
+        w, wu = self.w.unsqueeze(0), self.wu.unsqueeze(0)
+        gamma = (q * w).sum(dim=2) / self.ww.clamp_min(1e-300)
+        qu = q if self.u is None else q * self.u.unsqueeze(0)
+        noise = ((qu * q).sum(dim=2) - 2.0 * gamma * (q * wu).sum(dim=2)
+                 + gamma * gamma * (self.wu * self.w).sum(dim=1)).clamp_min(0.0)
+        ok = self.signal > 0
+        if not bool(ok.any()):
+            return [0.0] * q.shape[0]
+        return [float(v) for v in (noise[:, ok] / self.signal[ok]).mean(dim=1)]
+
     def ratio(self, quantized_rows: torch.Tensor) -> float:
         q = quantized_rows.to(torch.float64)
         gamma = (q * self.w).sum(dim=1) / self.ww.clamp_min(1e-300)
@@ -189,14 +203,13 @@ def estimate_layer(
         u = in_var_per_weight[rows] if in_var_per_weight.dim() == 2 else in_var_per_weight
     rv = ref_var[rows] if ref_var is not None else None
     reference = _RowReference(flat, u, rv)
-    sizes, damage = [], []
-    for opt in options:
-        sizes.append(option_bits(opt, weight.shape, scheme, scale_bits))
-        if opt.bits is None:
-            damage.append(0.0)
-            continue
-        q = quantize(w, opt).reshape(flat.shape)
-        damage.append(reference.ratio(q))
+    sizes = [option_bits(opt, weight.shape, scheme, scale_bits) for opt in options]
+    quantized = [i for i, opt in enumerate(options) if opt.bits is not None]
+    damage = [0.0] * len(options)  # a float option leaves no rounding noise
+    if quantized:
+        qs = torch.stack([quantize(w, options[i]).reshape(flat.shape) for i in quantized])
+        for i, d in zip(quantized, reference.ratios(qs)):
+            damage[i] = d
     return LayerCost(name, weight.numel(), list(options), sizes, damage)
 
 
