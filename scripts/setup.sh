@@ -14,4 +14,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -c constraints/ci.txt -e ".[dev]"
+# facenet-pytorch (MTCNN, weights in the wheel) pins torch<2.3: without its dependencies, which
+# the line above already installed
+.venv/bin/python -m pip install -q --no-deps facenet-pytorch==2.6.0
 .venv/bin/python -c "import torch, torchvision, lightning, mlflow, dfmpc_fx; print('dfmpc-fx', dfmpc_fx.__version__, 'torch', torch.__version__, 'ready')"
