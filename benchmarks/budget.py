@@ -119,7 +119,8 @@ def hqq_model(model, bits: int, group: int):
     return q.eval(), weight_bits / numel, int(math.ceil(weight_bits / 8) + other)
 
 
-def run_model(name: str, subset: Optional[int], threads: int, peers: bool = False) -> dict[str, Any]:
+def run_model(name: str, subset: Optional[int], threads: int, peers: bool = False,
+              only: tuple[str, ...] = ()) -> dict[str, Any]:
     import torch
 
     import dfmpc_fx
@@ -136,6 +137,8 @@ def run_model(name: str, subset: Optional[int], threads: int, peers: bool = Fals
     sizes: dict[str, int] = {}
     t_model = time.perf_counter()
     for row in rows(peers):
+        if only and not row["key"].startswith(only):
+            continue
         t0 = time.perf_counter()
         res = {k: v for k, v in row.items() if k != "config"}
         res["config"] = dict(row.get("config", {}))
@@ -228,6 +231,8 @@ def render(results: dict[str, Any]) -> str:
              f"top-1 on {meta['n_test']} Fashion-MNIST test images. `bits/w` over every conv/linear weight, "
              "scales and zero points counted; `kB` = whole model as `compressed_bytes` counts it. "
              "Plot: `benchmarks/budget_pareto.png`.", ""]
+    for extra in meta.get("added", []):
+        lines += [f"Rows added by `{extra['command']}` ({extra['started_utc']}, {extra['total_seconds'] / 60:.1f} min).", ""]
     for name, mres in results["models"].items():
         rs = mres["rows"]
         fp32 = next((r["acc"] for r in rs if r["key"] == "fp32"), None)
@@ -302,6 +307,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="models evaluated in parallel")
     p.add_argument("--json", default=str(RESULTS))
     p.add_argument("--render-only", action="store_true")
+    p.add_argument("--add-rows", nargs="+", default=(), metavar="PREFIX",
+                   help="run only the rows whose key starts with a PREFIX (e.g. aimet brevitas) and merge them "
+                        "into the existing --json results")
     p.add_argument("--peers", action="store_true",
                    help="add AIMET / Brevitas equalization + uniform rows (pip install -e '.[peers]', a separate venv)")
     args = p.parse_args(argv)
@@ -320,9 +328,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     t0 = time.perf_counter()
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     with ProcessPoolExecutor(max_workers=max(1, min(args.jobs, len(models)))) as pool:
-        futures = {m: pool.submit(run_model, m, args.subset, 1, args.peers) for m in models}
+        futures = {m: pool.submit(run_model, m, args.subset, 1, args.peers, tuple(args.add_rows)) for m in models}
         results = {"models": {m: futures[m].result() for m in models}}
     import platform
+
+    if args.add_rows:
+        merged = json.loads(Path(args.json).read_text())
+        for m, res in results["models"].items():
+            old = merged["models"].setdefault(m, {"rows": [], "seconds": 0.0, "n_test": res["n_test"]})
+            if old.get("n_test") != res["n_test"]:
+                raise SystemExit(f"{m}: the existing results use {old.get('n_test')} test images, these {res['n_test']}")
+            keys = {r["key"] for r in res["rows"]}
+            old["rows"] = [r for r in old["rows"] if r["key"] not in keys] + res["rows"]
+        merged["meta"].setdefault("added", []).append({
+            "command": "python benchmarks/budget.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "started_utc": started, "total_seconds": round(time.perf_counter() - t0, 1)})
+        Path(args.json).write_text(json.dumps(merged, indent=1) + "\n")
+        write_markdown(merged)
+        plot(merged)
+        print(f"merged {sorted(args.add_rows)} rows into {args.json}")
+        return 0
 
     first = next(iter(results["models"].values()))
     results["meta"] = {
