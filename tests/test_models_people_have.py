@@ -15,7 +15,7 @@ import dfmpc_fx
 from dfmpc_fx import DFMPCConfig, find_compensable_pairs, get_report
 from dfmpc_fx.errors import CompressedModelError
 from dfmpc_fx.graph.pairs import OWN_FORWARD, SCALE_VARYING
-from dfmpc_fx.numerics.quant import quantize_dorefa
+from dfmpc_fx.numerics.quant import quantize_dorefa, quantize_ternary_twn
 
 BITS16 = DFMPCConfig(low_bits=16, high_bits=16, default_bits=16, first_last_bits=16, max_bits=16)
 
@@ -236,11 +236,57 @@ def test_dorefa_8_bits_stays_close_to_large_weights() -> None:
     torch.manual_seed(0)
     w = torch.randn(64, 3, 3, 3)
     w = w / w.abs().max() * 3.0  # max |w| = 3: tanh warped this (rel. error 1.4-8.0 before)
-    assert rel(quantize_dorefa(w, 8).dequantize(), w) > 0.3  # the paper's tanh form (kept for method="paper")
+    assert rel(quantize_dorefa(w, 8).dequantize(), w) > 0.3  # the paper's tanh form (method="paper" inside pairs)
     qw = quantize_dorefa(w, 8, tanh=False)
     assert rel(qw.dequantize(), w) < 0.01
     assert torch.equal(qw.dequantize(), (qw.codes - qw.zero_point) * qw.scale)
     assert int(qw.codes.min()) >= 0 and int(qw.codes.max()) <= 255
+
+
+class _PaperNet(nn.Module):
+    """stem -> (a -> b) pair -> residual add with the stem -> fc: the stem (fan-out) and fc are
+    outside every pair, a/b are the pair."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.a, self.bna = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.b, self.bnb = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = torch.relu(self.bn0(self.stem(x)))
+        y = self.bnb(self.b(torch.relu(self.bna(self.a(s)))))
+        return self.fc(torch.relu(y + s).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("first_last_bits", [8, None])
+def test_paper_mode_keeps_layers_outside_pairs_close_at_8_bits(first_last_bits) -> None:
+    torch.manual_seed(0)
+    model = _PaperNet().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight.mul_(3.0 / m.weight.abs().max())  # max |w| = 3: where tanh warps
+    originals = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    for compensate in (True, False):
+        q = dfmpc_fx.compress(model, method="paper", low_bits=2, high_bits=6, default_bits=8,
+                              first_last_bits=first_last_bits, compensate=compensate)
+        layers = {l.name: l for l in get_report(q).layers}
+        assert layers["a"].role == "low" and layers["b"].role == "high"
+        outside = {"stem", "fc"}
+        for name in outside:
+            assert layers[name].role == ("first_last" if first_last_bits else "default") and layers[name].bits == 8
+            w = q.get_submodule(name).weight
+            assert rel(w, originals[name]) < 0.01, name  # old: the tanh warp, > 0.3
+            assert layers[name].weight_rel_error < 0.01
+            assert torch.equal(w, quantize_dorefa(originals[name], 8, tanh=False).dequantize())
+        # inside the pair: the paper's quantizers as published (TWN at 2 bits, tanh DoReFa)
+        low = quantize_ternary_twn(originals["a"])
+        assert torch.equal(q.get_submodule("a").weight, low.dequantize())
+        assert q.get_submodule("b").scheme == "dorefa"
+        if not compensate:  # no partner scale folded into b: its codes are the published form's
+            assert torch.equal(q.get_submodule("b").weight, quantize_dorefa(originals["b"], 6).dequantize())
 
 
 def _timm():
