@@ -103,7 +103,7 @@ def hqq_model(model, bits: int, group: int):
     return q.eval(), weight_bits / numel, int(math.ceil(weight_bits / 8) + other)
 
 
-def run_model(name: str, subset: Optional[int], threads: int) -> dict[str, Any]:
+def run_model(name: str, subset: Optional[int], threads: int, only: Optional[list[str]] = None) -> dict[str, Any]:
     import torch
 
     import dfmpc_fx
@@ -119,7 +119,11 @@ def run_model(name: str, subset: Optional[int], threads: int) -> dict[str, Any]:
     out: dict[str, Any] = {"rows": []}
     sizes: dict[str, int] = {}
     t_model = time.perf_counter()
+    import fnmatch
+
     for row in rows():
+        if only is not None and not any(fnmatch.fnmatchcase(row["key"], pat) for pat in only):
+            continue
         t0 = time.perf_counter()
         res = {k: v for k, v in row.items() if k != "config"}
         res["config"] = dict(row.get("config", {}))
@@ -201,7 +205,11 @@ def render(results: dict[str, Any]) -> str:
              f"{meta['total_seconds'] / 60:.1f} min wall ({meta['jobs']} worker(s), one thread each); "
              f"top-1 on {meta['n_test']} Fashion-MNIST test images. `bits/w` over every conv/linear weight, "
              "scales and zero points counted; `kB` = whole model as `compressed_bytes` counts it. "
-             "Plot: `benchmarks/budget_pareto.png`.", ""]
+             "Plot: `benchmarks/budget_pareto.png`."]
+    for u in meta.get("updates", []):
+        lines.append(f"Rows matching {', '.join(f'`{k}`' for k in u['rows'])} re-run on {u['started_utc']} "
+                     f"(`{u['command']}`, {u['total_seconds'] / 60:.1f} min, one thread); the others are from the run above.")
+    lines.append("")
     for name, mres in results["models"].items():
         rs = mres["rows"]
         fp32 = next((r["acc"] for r in rs if r["key"] == "fp32"), None)
@@ -271,7 +279,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="models evaluated in parallel")
     p.add_argument("--json", default=str(RESULTS))
     p.add_argument("--render-only", action="store_true")
+    p.add_argument("--rows", nargs="+", default=None, metavar="PATTERN",
+                   help="re-evaluate only the rows whose key matches (fnmatch, e.g. 'paper*') and replace them "
+                        "in the existing --json, keeping the others; meta['updates'] records it")
     args = p.parse_args(argv)
+    if args.rows:
+        return update_rows(args, argv)
     if args.render_only:
         results = json.loads(Path(args.json).read_text())
         write_markdown(results)
@@ -303,6 +316,42 @@ def main(argv: Optional[list[str]] = None) -> int:
     write_markdown(results)
     plot(results)
     print(f"wrote {args.json}, {PLOT}, {BENCHMARKS_MD} in {results['meta']['total_seconds'] / 60:.1f} min")
+    return 0
+
+
+def update_rows(args: argparse.Namespace, argv: Optional[list[str]]) -> int:
+    """``--rows``: re-run the matching rows of every model of the committed --json, one model
+    after the other in this process (one thread), and replace them there."""
+    import fnmatch
+
+    if args.subset:
+        raise SystemExit("--rows updates the committed full-test-set results: drop --subset")
+    if any(fnmatch.fnmatchcase("alloc@mp26_bytes", pat) for pat in args.rows) and not any(
+            fnmatch.fnmatchcase("mp26", pat) for pat in args.rows):
+        raise SystemExit("alloc@mp26_bytes needs the mp26 row's size: include 'mp26' in --rows")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    path = Path(args.json)
+    results = json.loads(path.read_text())
+    t0 = time.perf_counter()
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    previous: dict[str, dict[str, Any]] = {}
+    for name in args.models or list(results["models"]):
+        mres = results["models"][name]
+        new = run_model(name, None, 1, only=args.rows)
+        keys = [r["key"] for r in mres["rows"]]
+        for r in new["rows"]:
+            i = keys.index(r["key"])
+            previous.setdefault(name, {})[r["key"]] = mres["rows"][i].get("acc")
+            mres["rows"][i] = r
+    results["meta"].setdefault("updates", []).append({
+        "command": "python benchmarks/budget.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "started_utc": started, "total_seconds": round(time.perf_counter() - t0, 1), "rows": args.rows,
+        "previous_acc": previous,
+    })
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    write_markdown(results)
+    plot(results)
+    print(f"updated {args.rows} in {args.json}, {PLOT}, {BENCHMARKS_MD}")
     return 0
 
 
