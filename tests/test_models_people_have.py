@@ -107,6 +107,31 @@ def test_layer_subclass_with_own_forward_is_quantized_keeping_its_forward(conv_c
     assert type(q8.c1) is conv_cls and rel(q8(x), model(x)) < 0.1
 
 
+@pytest.mark.parametrize("conv_cls", [SameConv2d, StdConv2d])
+def test_layer_subclass_with_own_forward_is_packed_keeping_its_forward(conv_cls: type, tmp_path) -> None:
+    torch.manual_seed(0)
+    model = _randomize_bn(SubclassNet(conv_cls))
+    x = torch.randn(2, 3, 17, 17)
+    q = dfmpc_fx.compress(model, low_bits=4, high_bits=8, default_bits=4)
+    packed = dfmpc_fx.pack_model(q)
+    c1 = packed.c1
+    assert isinstance(c1, conv_cls) and type(c1).forward is conv_cls.forward  # its own forward still runs
+    state = packed.state_dict()
+    assert "c1.weight" not in state and state["c1.packed"].dtype == torch.uint8  # old code: float weight kept
+    assert state["c1.packed"].numel() == -(-q.c1.weight.numel() * 4 // 8)  # 4 bits a weight
+    with torch.no_grad():
+        assert torch.equal(packed(x), q(x))
+    back = dfmpc_fx.unpack_model(packed)
+    assert type(back.c1) is conv_cls and torch.equal(back.c1.weight, q.c1.weight)
+    assert list(back.state_dict()) == list(q.state_dict())
+    path = dfmpc_fx.save(q, tmp_path / "m.dfmpc")
+    loaded = dfmpc_fx.load(path, packed=True)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), q(x))
+    ts = dfmpc_fx.export_torchscript(q, tmp_path / "m.ts", x)  # packed by default; checked on reload
+    assert "c1.packed" in dict(torch.jit.load(str(ts)).named_buffers())
+
+
 def test_layer_subclass_declared_leaf_keeps_its_forward() -> None:
     torch.manual_seed(0)
     model = _randomize_bn(SubclassNet(SameConv2d))
