@@ -133,6 +133,24 @@ def _offending_frame(exc: BaseException) -> Optional[str]:
     return None
 
 
+def none_defaults(model: nn.Module) -> dict[str, None]:
+    """``forward``'s parameters whose default is ``None`` (``mask=None``, ``labels=None``).
+
+    fx would trace them as Proxies, so ``if mask is not None:`` takes the branch the default
+    call never takes, and the traced model then fails on the very call it was traced for
+    (timm's Hiera: ``'NoneType' object has no attribute 'view'``). Traced as the concrete
+    ``None`` instead, the argument stays in the signature, and fx inserts a check that fails
+    loudly if a caller passes anything else."""
+    import inspect
+
+    try:
+        params = inspect.signature(type(model).forward).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: None for p in params
+            if p.default is None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
 def trace_model(
     model: nn.Module,
     concrete_args: Optional[dict[str, Any]] = None,
@@ -141,7 +159,9 @@ def trace_model(
     """Symbolically trace ``model`` (standard modules stay leaves) into a GraphModule.
 
     The GraphModule keeps the qualified names of the model's submodules, which is what lets the
-    compressed modules be swapped back into the original module tree.
+    compressed modules be swapped back into the original module tree. Parameters of ``forward``
+    that default to ``None`` are traced as ``None`` (see :func:`none_defaults`) unless
+    ``concrete_args`` says otherwise.
 
     Raises:
         TraceError: naming the offending line and the two remedies (``concrete_args`` for
@@ -152,6 +172,7 @@ def trace_model(
         if not isinstance(spec, (str, type)):
             raise TypeError(f"leaf_modules entries must be module types or qualified names, got {spec!r}")
     tracer = _LeafTracer(leaf_modules)
+    concrete_args = {**none_defaults(model), **(concrete_args or {})} or None
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, AttributeError...
