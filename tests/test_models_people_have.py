@@ -181,6 +181,35 @@ def test_user_model_is_never_mutated_by_tracing() -> None:
     assert rel(q(x), model(x)) < 1e-3
 
 
+class OptionalMask(nn.Module):
+    """``mask=None`` driving an ``is not None`` branch, as in timm's Hiera."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        y = torch.relu(self.bn(self.a(x)))
+        if mask is not None:
+            y = y * mask.view(1, 1, 8, 8)
+        return self.b(y)
+
+
+def test_argument_defaulting_to_none_is_traced_as_none() -> None:
+    torch.manual_seed(0)
+    model = _randomize_bn(OptionalMask())
+    x = torch.randn(2, 3, 8, 8)
+    # old code: fx traced `mask` as a Proxy, took the masked branch, and the result failed on x
+    q = dfmpc_fx.compress(model, BITS16, example_inputs=x)
+    assert rel(q(x), model(x)) < 1e-3
+    assert len(get_report(q).excluded_pairs) == 1  # a -> bn -> relu -> b, found (first/last pins it)
+    assert len(find_compensable_pairs(model).pairs) == 1
+    with pytest.raises(AssertionError, match="specialized to have value None"):
+        q(x, torch.ones(8, 8))  # still in the signature, and a mask is refused loudly, not ignored
+    qm = dfmpc_fx.compress(model, BITS16, output="module")  # the model's own forward takes the mask
+    assert rel(qm(x, torch.ones(8, 8)), model(x, torch.ones(8, 8))) < 1e-3
+
+
 def test_example_inputs_failure_is_typed() -> None:
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
     with pytest.raises(CompressedModelError, match="example_inputs"):
