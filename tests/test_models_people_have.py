@@ -182,20 +182,21 @@ def test_user_model_is_never_mutated_by_tracing() -> None:
 
 
 class OptionalMask(nn.Module):
-    """``mask=None`` driving an ``is not None`` branch, as in timm's Hiera."""
+    """``mask=None`` driving an ``is not None`` branch, as in timm's Hiera, and a bool default
+    read once it is None, as in timm's ViT."""
 
     def __init__(self) -> None:
         super().__init__()
         self.a, self.bn, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
         y = torch.relu(self.bn(self.a(x)))
-        if mask is not None:
+        if mask is not None or causal:  # timm's ViT: `if attn_mask is not None or is_causal:`
             y = y * mask.view(1, 1, 8, 8)
         return self.b(y)
 
 
-def test_argument_defaulting_to_none_is_traced_as_none() -> None:
+def test_arguments_with_literal_defaults_are_traced_at_their_defaults() -> None:
     torch.manual_seed(0)
     model = _randomize_bn(OptionalMask())
     x = torch.randn(2, 3, 8, 8)
