@@ -15,7 +15,7 @@ import dfmpc_fx
 from dfmpc_fx import DFMPCConfig, find_compensable_pairs, get_report
 from dfmpc_fx.errors import CompressedModelError
 from dfmpc_fx.graph.pairs import OWN_FORWARD, SCALE_VARYING
-from dfmpc_fx.numerics.quant import quantize_dorefa
+from dfmpc_fx.numerics.quant import quantize_dorefa, quantize_ternary_twn
 
 BITS16 = DFMPCConfig(low_bits=16, high_bits=16, default_bits=16, first_last_bits=16, max_bits=16)
 
@@ -107,6 +107,31 @@ def test_layer_subclass_with_own_forward_is_quantized_keeping_its_forward(conv_c
     assert type(q8.c1) is conv_cls and rel(q8(x), model(x)) < 0.1
 
 
+@pytest.mark.parametrize("conv_cls", [SameConv2d, StdConv2d])
+def test_layer_subclass_with_own_forward_is_packed_keeping_its_forward(conv_cls: type, tmp_path) -> None:
+    torch.manual_seed(0)
+    model = _randomize_bn(SubclassNet(conv_cls))
+    x = torch.randn(2, 3, 17, 17)
+    q = dfmpc_fx.compress(model, low_bits=4, high_bits=8, default_bits=4)
+    packed = dfmpc_fx.pack_model(q)
+    c1 = packed.c1
+    assert isinstance(c1, conv_cls) and type(c1).forward is conv_cls.forward  # its own forward still runs
+    state = packed.state_dict()
+    assert "c1.weight" not in state and state["c1.packed"].dtype == torch.uint8  # old code: float weight kept
+    assert state["c1.packed"].numel() == -(-q.c1.weight.numel() * 4 // 8)  # 4 bits a weight
+    with torch.no_grad():
+        assert torch.equal(packed(x), q(x))
+    back = dfmpc_fx.unpack_model(packed)
+    assert type(back.c1) is conv_cls and torch.equal(back.c1.weight, q.c1.weight)
+    assert list(back.state_dict()) == list(q.state_dict())
+    path = dfmpc_fx.save(q, tmp_path / "m.dfmpc")
+    loaded = dfmpc_fx.load(path, packed=True)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), q(x))
+    ts = dfmpc_fx.export_torchscript(q, tmp_path / "m.ts", x)  # packed by default; checked on reload
+    assert "c1.packed" in dict(torch.jit.load(str(ts)).named_buffers())
+
+
 def test_layer_subclass_declared_leaf_keeps_its_forward() -> None:
     torch.manual_seed(0)
     model = _randomize_bn(SubclassNet(SameConv2d))
@@ -154,6 +179,36 @@ def test_user_model_is_never_mutated_by_tracing() -> None:
     assert set(model.cache) == {"cpu"}
     q = dfmpc_fx.compress(model, BITS16, concrete_args={"embed": False}, example_inputs=x)  # cached non-leaf tensor
     assert rel(q(x), model(x)) < 1e-3
+
+
+class OptionalMask(nn.Module):
+    """``mask=None`` driving an ``is not None`` branch, as in timm's Hiera, and a bool default
+    read once it is None, as in timm's ViT."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        y = torch.relu(self.bn(self.a(x)))
+        if mask is not None or causal:  # timm's ViT: `if attn_mask is not None or is_causal:`
+            y = y * mask.view(1, 1, 8, 8)
+        return self.b(y)
+
+
+def test_arguments_with_literal_defaults_are_traced_at_their_defaults() -> None:
+    torch.manual_seed(0)
+    model = _randomize_bn(OptionalMask())
+    x = torch.randn(2, 3, 8, 8)
+    # old code: fx traced `mask` as a Proxy, took the masked branch, and the result failed on x
+    q = dfmpc_fx.compress(model, BITS16, example_inputs=x)
+    assert rel(q(x), model(x)) < 1e-3
+    assert len(get_report(q).excluded_pairs) == 1  # a -> bn -> relu -> b, found (first/last pins it)
+    assert len(find_compensable_pairs(model).pairs) == 1
+    with pytest.raises(AssertionError, match="specialized to have value None"):
+        q(x, torch.ones(8, 8))  # still in the signature, and a mask is refused loudly, not ignored
+    qm = dfmpc_fx.compress(model, BITS16, output="module")  # the model's own forward takes the mask
+    assert rel(qm(x, torch.ones(8, 8)), model(x, torch.ones(8, 8))) < 1e-3
 
 
 def test_example_inputs_failure_is_typed() -> None:
@@ -238,11 +293,57 @@ def test_dorefa_8_bits_stays_close_to_large_weights() -> None:
     torch.manual_seed(0)
     w = torch.randn(64, 3, 3, 3)
     w = w / w.abs().max() * 3.0  # max |w| = 3: tanh warped this (rel. error 1.4-8.0 before)
-    assert rel(quantize_dorefa(w, 8).dequantize(), w) > 0.3  # the paper's tanh form (kept for method="paper")
+    assert rel(quantize_dorefa(w, 8).dequantize(), w) > 0.3  # the paper's tanh form (method="paper" inside pairs)
     qw = quantize_dorefa(w, 8, tanh=False)
     assert rel(qw.dequantize(), w) < 0.01
     assert torch.equal(qw.dequantize(), (qw.codes - qw.zero_point) * qw.scale)
     assert int(qw.codes.min()) >= 0 and int(qw.codes.max()) <= 255
+
+
+class _PaperNet(nn.Module):
+    """stem -> (a -> b) pair -> residual add with the stem -> fc: the stem (fan-out) and fc are
+    outside every pair, a/b are the pair."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.a, self.bna = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.b, self.bnb = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = torch.relu(self.bn0(self.stem(x)))
+        y = self.bnb(self.b(torch.relu(self.bna(self.a(s)))))
+        return self.fc(torch.relu(y + s).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("first_last_bits", [8, None])
+def test_paper_mode_keeps_layers_outside_pairs_close_at_8_bits(first_last_bits) -> None:
+    torch.manual_seed(0)
+    model = _PaperNet().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight.mul_(3.0 / m.weight.abs().max())  # max |w| = 3: where tanh warps
+    originals = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    for compensate in (True, False):
+        q = dfmpc_fx.compress(model, method="paper", low_bits=2, high_bits=6, default_bits=8,
+                              first_last_bits=first_last_bits, compensate=compensate)
+        layers = {l.name: l for l in get_report(q).layers}
+        assert layers["a"].role == "low" and layers["b"].role == "high"
+        outside = {"stem", "fc"}
+        for name in outside:
+            assert layers[name].role == ("first_last" if first_last_bits else "default") and layers[name].bits == 8
+            w = q.get_submodule(name).weight
+            assert rel(w, originals[name]) < 0.01, name  # old: the tanh warp, > 0.3
+            assert layers[name].weight_rel_error < 0.01
+            assert torch.equal(w, quantize_dorefa(originals[name], 8, tanh=False).dequantize())
+        # inside the pair: the paper's quantizers as published (TWN at 2 bits, tanh DoReFa)
+        low = quantize_ternary_twn(originals["a"])
+        assert torch.equal(q.get_submodule("a").weight, low.dequantize())
+        assert q.get_submodule("b").scheme == "dorefa"
+        if not compensate:  # no partner scale folded into b: its codes are the published form's
+            assert torch.equal(q.get_submodule("b").weight, quantize_dorefa(originals["b"], 6).dequantize())
 
 
 def _timm():

@@ -42,7 +42,8 @@ from torch.fx import GraphModule
 from ..errors import PackError
 from ..numerics.quant import expand_groups, group_count
 from ..numerics.packing import _plane_tables, _unpack, pack_codes, packed_nbytes, plane_layout, unpack_codes
-from ..transform.modules import QuantConv1d, QuantConv2d, QuantLinear
+from ..graph.tracing import own_forward
+from ..transform.modules import QuantConv1d, QuantConv2d, QuantLinear, _QuantMixin, is_quant_module
 
 __all__ = [
     "PackedConv1d",
@@ -213,6 +214,83 @@ PACKED_MODULES: dict[type, type] = {QuantConv1d: PackedConv1d, QuantConv2d: Pack
 _QUANT_OF: dict[type, type] = {v: k for k, v in PACKED_MODULES.items()}
 
 
+class _PackedOwnForward(_PackedBase):
+    """Base of the packed form of a conv/linear subclass with its own ``forward`` (timm's
+    Conv2dSame, ScaledStdConv2d, a user's TF-'same' conv).
+
+    ``compress`` keeps such a layer's class (its forward is what the model computes) and only
+    replaces its weight; packing does the same one step further: the packed class is made per
+    user class, ``Packed<Name>(_PackedOwnForward, <user class>)``, so the user's ``forward`` runs
+    unchanged and reads ``self.weight``, which is here the property that dequantizes the packed
+    codes on every call (bit-identical to the fake-quant weight). Every other parameter,
+    buffer and attribute of the layer stays. The class is created on demand (cached per user
+    class); it pickles as the user's class plus this state (``__reduce_ex__``), so
+    ``dfmpc_fx.save``/``load`` need the user's class importable, as for any pickled module.
+    The ``weight`` property is compiled by TorchScript (not unused as in ``Packed*``) because the
+    user's forward reads it."""
+
+    __jit_unused_properties__: List[str] = []
+    _user_class: type = nn.Module
+
+    @torch.jit.unused
+    def __reduce_ex__(self, protocol):
+        return (_new_packed_own_forward, (self._user_class,), self.__getstate__())
+
+
+_OWN_FORWARD_CLASSES: dict[type, type] = {}
+
+
+def packed_class_for(cls: type) -> type:
+    """The packed class of the conv/linear subclass ``cls`` (created once per class)."""
+    packed = _OWN_FORWARD_CLASSES.get(cls)
+    if packed is None:
+        packed = type(f"Packed{cls.__name__}", (_PackedOwnForward, cls),
+                      {"_user_class": cls, "__module__": __name__, "__doc__": f"Packed form of {cls.__qualname__} "
+                       "(its own forward; the weight is dequantized from packed codes on access)."})
+        _OWN_FORWARD_CLASSES[cls] = packed
+    return packed
+
+
+def _new_packed_own_forward(cls: type) -> nn.Module:
+    """Unpickling: an empty instance of ``cls``'s packed class (the state follows)."""
+    packed = packed_class_for(cls)
+    return packed.__new__(packed)
+
+
+#: Attributes that only the packed form has (removed again by unpacking).
+_PACKED_ONLY = ("weight_shape", "numel", "plane_nbytes", "plane_fields", "zero_point_numel", "weight_requires_grad")
+
+
+def _is_packable(mod: nn.Module) -> bool:
+    """A ``Quant*`` layer, or a conv/linear subclass with its own forward that ``compress``
+    quantized keeping its class (not yet packed)."""
+    if type(mod) in PACKED_MODULES:
+        return True
+    return is_quant_module(mod) and own_forward(mod) and not isinstance(mod, _PackedBase)
+
+
+def _is_packed_module(mod: nn.Module) -> bool:
+    return type(mod) in _QUANT_OF or isinstance(mod, _PackedOwnForward)
+
+
+def _own_forward_shell(layer: nn.Module) -> nn.Module:
+    """An instance of ``layer``'s packed class holding a copy of its state without the weight
+    (other parameters and buffers cloned, submodules deep-copied, attributes shared)."""
+    cls = packed_class_for(type(layer))
+    new = cls.__new__(cls)
+    state = dict(vars(layer))
+    state["_parameters"] = {k: None if p is None else nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+                            for k, p in layer._parameters.items() if k != "weight"}
+    state["_buffers"] = {k: None if b is None else b.detach().clone() for k, b in layer._buffers.items()}
+    state["_modules"] = {k: None if m is None else copy.deepcopy(m) for k, m in layer._modules.items()}
+    state["_non_persistent_buffers_set"] = set(layer._non_persistent_buffers_set)
+    for key, value in list(state.items()):
+        if isinstance(value, dict) and key.startswith("_") and key.endswith("hooks"):
+            state[key] = copy.copy(value)
+    new.__dict__.update(state)
+    return new
+
+
 def _code_offset(scheme: str, bits: int) -> int:
     """Added to the signed codes of a scheme to make them unsigned ``0 .. 2**bits - 1``."""
     return 2 ** (bits - 1) - 1 if scheme in ("symmetric", "ternary") else 0
@@ -228,10 +306,13 @@ def _as_compact(t: Tensor) -> Tensor:
 
 
 def pack_module(layer: nn.Module, name: str = "layer") -> nn.Module:
-    """The ``Packed*`` module for a ``Quant*`` ``layer``; raises :class:`PackError` if not exact."""
+    """The ``Packed*`` module for a ``Quant*`` ``layer`` (for a quantized conv/linear subclass
+    with its own forward: its packed class, see :class:`_PackedOwnForward`); raises
+    :class:`PackError` if not exact."""
     cls = PACKED_MODULES.get(type(layer))
-    if cls is None:
-        raise PackError(f"{name}: {type(layer).__name__} is not a QuantConv1d/QuantConv2d/QuantLinear")
+    if cls is None and not _is_packable(layer):
+        raise PackError(f"{name}: {type(layer).__name__} is not a QuantConv1d/QuantConv2d/QuantLinear "
+                        "or a quantized conv/linear subclass with its own forward")
     bits, scheme = int(layer.w_bits), str(layer.scheme)
     weight = layer.weight.detach()
     if not torch.is_floating_point(weight) or weight.dtype not in (torch.float32, torch.float64):
@@ -262,11 +343,14 @@ def pack_module(layer: nn.Module, name: str = "layer") -> nn.Module:
         raise PackError(f"{name}: codes span [{lo:g}, {hi:g}], outside the {bits}-bit range [0, {2**bits - 1}] "
                         f"of scheme {scheme!r}")
     packed = pack_codes(unsigned.to(torch.int64), bits)
-    new = cls()
-    if isinstance(layer, nn.Linear):
-        new._init_linear(layer)
+    if cls is None:
+        new = _own_forward_shell(layer)
     else:
-        new._init_conv(layer)
+        new = cls()
+        if isinstance(layer, nn.Linear):
+            new._init_linear(layer)
+        else:
+            new._init_conv(layer)
     zp_stored = _as_compact(zero_point + offset).to(layer.weight_zero_point.dtype)
     if group_size is not None and zp_stored.numel() > 1:
         zp_stored = zp_stored.reshape(scale.shape)
@@ -292,7 +376,7 @@ def unpack_module(layer: nn.Module) -> nn.Module:
     from ..numerics.quant import QuantizedWeight
 
     cls = _QUANT_OF.get(type(layer))
-    if cls is None:
+    if cls is None and not isinstance(layer, _PackedOwnForward):
         raise PackError(f"{type(layer).__name__} is not a packed module")
     weight = layer.dequantize_weight().detach()
     offset = _code_offset(layer.scheme, layer.w_bits)
@@ -307,6 +391,23 @@ def unpack_module(layer: nn.Module) -> nn.Module:
                          group_size=group_size)
     has_bias = layer.bias is not None
     grad = layer.weight_requires_grad
+    if cls is None:  # a subclass with its own forward: back to the user's class
+        user = layer._user_class
+        new = user.__new__(user)
+        state = dict(vars(layer))
+        for key in _PACKED_ONLY:
+            state.pop(key, None)
+        state["_buffers"] = {k: b for k, b in layer._buffers.items()
+                             if k not in ("packed", "plane_mask", "plane_factor", "weight_scale", "weight_zero_point")}
+        state["_non_persistent_buffers_set"] = set(layer._non_persistent_buffers_set) - {"plane_mask", "plane_factor"}
+        state["_parameters"] = dict(layer._parameters)
+        new.__dict__.update(state)
+        new = copy.deepcopy(new)
+        new._parameters = {"weight": nn.Parameter(weight.clone(), requires_grad=grad),
+                           **{k: p for k, p in new._parameters.items() if k != "weight"}}
+        _QuantMixin._set_quant(new, qw, layer.role)  # type: ignore[arg-type]
+        new.train(layer.training)
+        return new
     if cls is QuantLinear:
         new = cls(layer.in_features, layer.out_features, bias=has_bias, device="meta")
     else:
@@ -322,16 +423,16 @@ def unpack_module(layer: nn.Module) -> nn.Module:
 
 def is_packed(model: nn.Module) -> bool:
     """Whether ``model`` contains packed layers."""
-    return any(type(m) in _QUANT_OF for m in model.modules())
+    return any(_is_packed_module(m) for m in model.modules())
 
 
-def _swap(model: nn.Module, convert, kinds: tuple) -> nn.Module:
-    """A copy of ``model`` whose modules of type in ``kinds`` are replaced by ``convert(module)``;
-    the replaced modules' tensors are never copied (deepcopy memo)."""
+def _swap(model: nn.Module, convert, select) -> nn.Module:
+    """A copy of ``model`` whose modules for which ``select(module)`` holds are replaced by
+    ``convert(module)``; the replaced modules' tensors are never copied (deepcopy memo)."""
     memo: dict[int, object] = {}
     found = False
     for name, mod in model.named_modules():
-        if type(mod) in kinds and id(mod) not in memo:
+        if select(mod) and id(mod) not in memo:
             memo[id(mod)] = convert(mod, name)
             found = True
     if not found:
@@ -340,7 +441,8 @@ def _swap(model: nn.Module, convert, kinds: tuple) -> nn.Module:
 
 
 def pack_model(qmodel: nn.Module) -> Union[GraphModule, nn.Module]:
-    """A copy of ``qmodel`` with every ``Quant*`` module replaced by its ``Packed*`` counterpart.
+    """A copy of ``qmodel`` with every ``Quant*`` module replaced by its ``Packed*`` counterpart
+    (and every quantized conv/linear subclass with its own forward by its packed class).
 
     ``qmodel`` is not modified; the graph, module names, other modules and ``meta`` (the
     compression report) are kept. Outputs are identical to ``qmodel``'s (bit for bit: the
@@ -349,11 +451,11 @@ def pack_model(qmodel: nn.Module) -> Union[GraphModule, nn.Module]:
     """
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"pack_model expects an nn.Module, got {type(qmodel).__name__}")
-    return _swap(qmodel, lambda m, n: pack_module(m, n), tuple(PACKED_MODULES))
+    return _swap(qmodel, lambda m, n: pack_module(m, n), _is_packable)
 
 
 def unpack_model(model: nn.Module) -> Union[GraphModule, nn.Module]:
     """Inverse of :func:`pack_model`: ``Packed*`` modules back to ``Quant*`` (exact)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"unpack_model expects an nn.Module, got {type(model).__name__}")
-    return _swap(model, lambda m, n: unpack_module(m), tuple(_QUANT_OF))
+    return _swap(model, lambda m, n: unpack_module(m), _is_packed_module)

@@ -133,6 +133,27 @@ def _offending_frame(exc: BaseException) -> Optional[str]:
     return None
 
 
+def literal_defaults(model: nn.Module) -> dict[str, Any]:
+    """``forward``'s parameters whose default is ``None`` or a plain literal (bool, int, float,
+    str): ``mask=None``, ``is_causal=False``, ``embed=False``.
+
+    fx would trace them as Proxies, so ``if mask is not None:`` takes the branch the default
+    call never takes, and the traced model then fails on the very call it was traced for
+    (timm's Hiera: ``'NoneType' object has no attribute 'view'``), and ``if flag:`` cannot be
+    traced at all. Traced as their defaults instead, they stay in the signature, and fx inserts
+    a check that fails loudly if a caller passes another value (use ``output="module"`` to keep
+    the model's own forward for such calls)."""
+    import inspect
+
+    try:
+        params = inspect.signature(type(model).forward).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in params
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            and (p.default is None or type(p.default) in (bool, int, float, str))}
+
+
 def trace_model(
     model: nn.Module,
     concrete_args: Optional[dict[str, Any]] = None,
@@ -141,7 +162,9 @@ def trace_model(
     """Symbolically trace ``model`` (standard modules stay leaves) into a GraphModule.
 
     The GraphModule keeps the qualified names of the model's submodules, which is what lets the
-    compressed modules be swapped back into the original module tree.
+    compressed modules be swapped back into the original module tree. Parameters of ``forward``
+    that default to ``None`` or a literal are traced at their default (see
+    :func:`literal_defaults`) unless ``concrete_args`` says otherwise.
 
     Raises:
         TraceError: naming the offending line and the two remedies (``concrete_args`` for
@@ -152,6 +175,7 @@ def trace_model(
         if not isinstance(spec, (str, type)):
             raise TypeError(f"leaf_modules entries must be module types or qualified names, got {spec!r}")
     tracer = _LeafTracer(leaf_modules)
+    concrete_args = {**literal_defaults(model), **(concrete_args or {})} or None
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, AttributeError...

@@ -304,19 +304,23 @@ def quantize_ternary_twn(w: torch.Tensor, *, per_channel: bool = False) -> Quant
 def quantize_dorefa(w: torch.Tensor, bits: int, *, per_channel: bool = False, tanh: bool = True) -> QuantizedWeight:
     """DoReFa-Net weight quantizer (Zhou et al. 2016), the paper's k-bit quantizer (Eq. 6).
 
-    ``tanh=True`` (the paper, what ``method="paper"`` uses): ``w_q = 2 round_k(tanh(w) /
-    (2 max|tanh w|) + 1/2) - 1`` in [-1, 1], times ``max|w|`` to give a pretrained layer its
-    magnitude back. That maps ``w`` to about ``max|w| tanh(w) / tanh(max|w|)``: a gain of
-    ``max|w| / tanh(max|w|)`` on small weights and a warped grid, far from ``w`` once max |w|
-    is not small (relative weight errors of 1.4-8.0 on timm-style weights; 0.35 on the
-    ResNet-20's first conv at 6 and at 8 bits).
+    ``tanh=True`` (the paper): ``w_q = 2 round_k(tanh(w) / (2 max|tanh w|) + 1/2) - 1`` in
+    [-1, 1], times ``max|w|`` to give a pretrained layer its magnitude back. That maps ``w`` to
+    about ``max|w| tanh(w) / tanh(max|w|)``: a gain of ``max|w| / tanh(max|w|)`` on small
+    weights and a warped grid, far from ``w`` once max |w| is not small (relative weight errors
+    of 1.4-8.0 on timm-style weights; 0.35 on the ResNet-20's first conv at 6 and at 8 bits),
+    whatever the bit width: the error is the warp, not the rounding.
 
     ``tanh=False``: the same 2^k uniform levels on ``w / max|w|`` directly, which stays close to
-    the float weights (8 bits: < 1% relative error at max |w| ~ 3). It is not the default
-    because the distortion is part of the paper's baseline as published here: on the
-    ResNet-20 benchmark (first 1000 test images) the tanh gain on the 6-bit layers happens to
-    offset TWN's shrinkage of the 2-bit ones, and ``paper@MP2/6`` drops from 77.7% to 24.9%
-    without it (while MP4/8 rises from 80.7% to 93.7%).
+    the float weights (8 bits: < 1% relative error at max |w| ~ 3).
+
+    ``method="paper"`` uses the tanh form only inside compensable pairs (the low/high layers
+    the paper quantizes and compensates: there its baseline is defined by it, and on the
+    ResNet-20 benchmark the tanh gain on the 6-bit layers happens to offset TWN's shrinkage of
+    the 2-bit ones: ``paper@MP2/6`` drops from 77.7% to 24.9% of the first 1000 test images
+    when every layer loses it) and ``tanh=False`` on every other layer (first/last, default,
+    opaque blocks), where the paper prescribes nothing and the warp only destroys the model
+    (see :func:`dfmpc_fx.transform.plan.quantize_for`).
 
     Same contract either way: ``(codes - zero_point) * scale``, ``zero_point = (2^k - 1) / 2``.
     DoReFa has no zero level: near-zero weights become +-max/(2^k - 1).

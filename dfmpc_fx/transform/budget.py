@@ -79,7 +79,7 @@ def choose_widths(
         options = candidates_for(inp.name, cfg, row_len)
 
         def quantize(rows: torch.Tensor, opt: Candidate) -> torch.Tensor:
-            return quantize_for(rows, opt.bits, cfg, opt.group_size).dequantize()
+            return quantize_for(rows, opt.bits, cfg, opt.group_size, inp.role).dequantize()
 
         costs.append(estimate_layer(
             inp.name, inp.weight, options, quantize, _input_variance_per_weight(inp),

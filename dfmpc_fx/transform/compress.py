@@ -230,7 +230,7 @@ def _quantize_inside_leaves(gm: GraphModule, seen: Iterable[str], cfg: DFMPCConf
             if not isinstance(getattr(sub, "weight", None), nn.Parameter):
                 continue
             ref = sub.weight.detach()
-            qw = quantize_for(ref.float(), cfg.default_bits, cfg)
+            qw = quantize_for(ref.float(), cfg.default_bits, cfg, role="default")
             q = qw.dequantize().to(ref.dtype)
             qw.scale, qw.zero_point = qw.scale.to(ref.dtype), qw.zero_point.to(ref.dtype)
             bias = None if sub.bias is None else sub.bias.detach()
