@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import time
 import warnings
 from typing import Any, Iterable, Optional
@@ -30,7 +31,7 @@ from ..graph.moments import propagate_moments
 from ..graph.sensitivity import output_noise_gains
 from ..graph.pairs import BATCHNORM_MODULES, WEIGHTED_MODULES, _consumers, search_graph
 from .report import REPORT_KEY, CompressionReport, LayerReport, get_report
-from ..graph.tracing import LeafSpec, structural_copy, trace_model
+from ..graph.tracing import LeafSpec, structural_copy, trace_model, trace_with_example
 
 __all__ = ["compress", "swap_compressed_modules", "NoCompensablePairWarning", "DefaultBudgetWarning"]
 
@@ -115,6 +116,7 @@ def _copy_leaf(mod: nn.Module, shared: set[int]) -> nn.Module:
 
 def _traced_working_copy(
     model: nn.Module, concrete_args: Optional[dict[str, Any]], leaf_modules: Iterable[LeafSpec],
+    example: Optional[dict[str, Any]] = None,
 ) -> GraphModule:
     """A GraphModule of ``model`` in eval mode that shares nothing with ``model`` but the
     conv/linear weights (only read, then replaced).
@@ -125,11 +127,16 @@ def _traced_working_copy(
     with any submodule in train mode is deep-copied and set to eval first, since ``forward``
     code may branch on ``self.training`` while being traced.
     """
+    def trace(m: nn.Module) -> GraphModule:
+        if example is not None:
+            return trace_with_example(m, example, leaf_modules)
+        return trace_model(m, concrete_args, leaf_modules)
+
     if any(m.training for m in model.modules()):
-        return trace_model(_copy_sharing_layer_weights(model).eval(), concrete_args, leaf_modules)
+        return trace(_copy_sharing_layer_weights(model).eval())
     # A structural copy (tensors shared): forward code that caches on ``self`` while traced
     # (timm's attention-bias cache) writes into the copy, not into the user's model.
-    gm = trace_model(structural_copy(model), concrete_args, leaf_modules)
+    gm = trace(structural_copy(model))
     shared = {id(m.weight) for m in model.modules()
               if isinstance(m, WEIGHTED_MODULES) and isinstance(m.weight, nn.Parameter)}
     copies: set[int] = set()
@@ -245,6 +252,23 @@ def _quantize_inside_leaves(gm: GraphModule, seen: Iterable[str], cfg: DFMPCConf
 
 def _is_transformers_model(model: nn.Module) -> bool:
     return any(c.__module__.startswith("transformers.") and c.__name__ == "PreTrainedModel" for c in type(model).__mro__)
+
+
+def _example_kwargs(model: nn.Module, example_inputs: Any) -> Optional[dict[str, Any]]:
+    """Keyword inputs to trace ``model`` on (a Hugging Face model): ``example_inputs`` (a dict
+    of keywords, or positional arguments matched to ``forward``'s parameters), else the
+    model's own ``dummy_inputs``; None when there are none."""
+    if isinstance(example_inputs, dict):
+        return dict(example_inputs)
+    if example_inputs is not None:
+        args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        names = [p for p in inspect.signature(model.forward).parameters][:len(args)]
+        return dict(zip(names, args)) if len(names) == len(args) else None
+    try:
+        dummy = getattr(model, "dummy_inputs", None)
+    except Exception:  # a property that fails for this configuration
+        return None
+    return dict(dummy) if isinstance(dummy, dict) and dummy else None
 
 
 def _compress_by_parts(model: nn.Module, cfg: DFMPCConfig, leaf_modules: tuple, reason: str) -> nn.Module:
@@ -389,22 +413,39 @@ def compress(
     _check_model(model)
     float_bytes = _float_bytes(model)
 
+    report_warnings: list[str] = []
     try:
         gm = _traced_working_copy(model, concrete_args, leaf_modules)
     except TraceError as exc:
         if untraceable == "raise" or (untraceable == "auto" and not _is_transformers_model(model)):
             raise
-        result = _compress_by_parts(model, cfg, tuple(leaf_modules), str(exc).splitlines()[0])
-        if example_inputs is not None:
-            _check_runs(result, example_inputs)
-        return result
+        gm = None
+        reason = str(exc).splitlines()[0]
+        example = _example_kwargs(model, example_inputs) if untraceable == "auto" else None
+        if example is not None:
+            # One graph of the whole model, recorded while it runs on an example input: shapes
+            # and branches are the example's, so it serves the analysis (pairs, moments, the
+            # budget) and the result is the model's own class with the layers swapped in.
+            try:
+                gm = _traced_working_copy(model, None, leaf_modules, example)
+            except TraceError as exc2:
+                reason += f"; traced on its example input: {str(exc2).splitlines()[0]}"
+        if gm is None:
+            result = _compress_by_parts(model, cfg, tuple(leaf_modules), reason)
+            if example_inputs is not None:
+                _check_runs(result, example_inputs)
+            return result
+        output = "module"
+        report_warnings.append(
+            f"{type(model).__name__} does not trace symbolically ({reason}); it was traced on an example input "
+            f"({', '.join(f'{k}: {tuple(v.shape)}' if isinstance(v, torch.Tensor) else k for k, v in example.items())}) "
+            "and is returned as its own class with the compressed layers swapped in")
     search = search_graph(gm)
     if not search.layers:
         raise InvalidModelError(
             f"{type(model).__name__} has no Conv1d/Conv2d/Linear module reached by its forward: nothing to quantize"
         )
     plan = budget_roles(search, cfg) if cfg.has_budget else assign_bits(search, cfg)
-    report_warnings: list[str] = []
     if not plan.active_pairs and not cfg.has_budget:
         msg = (f"{type(model).__name__} has no compensable pair ({len(search.refusals)} candidates refused: "
                f"{search.refusal_counts()}); quantizing every layer at its default bit width without compensation")
