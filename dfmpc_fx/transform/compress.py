@@ -27,7 +27,7 @@ from .apply import apply_plans
 from .budget import DefaultBudgetWarning, choose_widths
 from .modules import is_quant_module, quantized_layer_bits, quantized_layer_bytes, to_quant_module
 from .plan import BatchNormState, LayerInputs, LayerPlan, plan_layer, quantize_for
-from ..graph.moments import propagate_moments
+from ..graph.moments import MomentEstimate, estimate_moments
 from ..graph.sensitivity import output_noise_gains
 from ..graph.pairs import BATCHNORM_MODULES, WEIGHTED_MODULES, _consumers, search_graph
 from .report import REPORT_KEY, CompressionReport, LayerReport, get_report
@@ -452,7 +452,7 @@ def compress(
         warnings.warn(msg, NoCompensablePairWarning, stacklevel=2)
         report_warnings.append(msg)
 
-    moments = propagate_moments(gm, cfg.input_mean, cfg.input_std) if cfg.method == "dfmpc" else {}
+    moments = estimate_moments(gm, cfg.input_mean, cfg.input_std) if cfg.method == "dfmpc" else MomentEstimate()
     weight_count = _weight_count(model)
     plans = _plan_layers(gm, plan, search.layers, moments, cfg, report_warnings, weight_count, float_bytes)
     apply_plans(gm, plans)
@@ -499,7 +499,7 @@ def _layer_inputs(
     call_counts: dict[str, int],
     node: Node,
     plan: BitPlan,
-    moments: dict[str, Optional[ChannelMoments]],
+    moments: MomentEstimate,
     incoming: Optional[tuple[torch.Tensor, int]],
     cfg: DFMPCConfig,
 ) -> LayerInputs:
@@ -511,13 +511,30 @@ def _layer_inputs(
     ref = layer.weight.detach().to(dtype)
     bias = layer.bias.detach().to(dtype) if layer.bias is not None else None
     in_m: Optional[ChannelMoments] = None
-    if cfg.method == "dfmpc" and call_counts[name] == 1:
+    mean_trusted = True
+    if cfg.method == "dfmpc":
         src = node.args[0] if node.args else None
-        est = moments.get(src.name) if isinstance(src, Node) else None
+        key = src.name if isinstance(src, Node) else None
+        if call_counts[name] != 1:
+            provenance = "module called more than once"
+        elif key is None:
+            provenance = "input is not a graph value"
+        else:
+            provenance = moments.reasons.get(key, "unknown")
+        est = moments.moments.get(key) if key is not None and call_counts[name] == 1 else None
         if est is not None:
             est = cmath.expand_moments(est, _layer_size(layer))
+            if est is None:
+                provenance = f"input moments of another size than the layer's {_layer_size(layer)} inputs"
         if est is not None:
             in_m = ChannelMoments(est.mean.to(dtype), est.var.to(dtype))
+            provenance = moments.source.get(key, "propagated")
+            if key in moments.assumed:
+                mean_trusted = cfg.layernorm_mean_correction
+                provenance += f" (mean rests on LayerNorm {moments.assumed[key]}'s beta" + \
+                    ("" if mean_trusted else ": no mean correction, layernorm_mean_correction=False") + ")"
+    else:
+        provenance = f"method={cfg.method!r}"
     if incoming is not None:
         c, fpc = incoming
         ref = cmath.fold_input_scale(ref, c.to(dtype), groups, fpc)
@@ -534,6 +551,7 @@ def _layer_inputs(
         bn=_batchnorm_state(modules[bn_name], dtype) if bn_name else None, bn_name=bn_name,
         partner=pair.second if pair is not None else None,
         features_per_channel=pair.features_per_channel if pair is not None else 1,
+        mean_trusted=mean_trusted, provenance=provenance,
     )
 
 
@@ -543,7 +561,7 @@ def _plan_under_budget(
     first_node: dict[str, Node],
     plan: BitPlan,
     layers: list[str],
-    moments: dict[str, Optional[ChannelMoments]],
+    moments: MomentEstimate,
     cfg: DFMPCConfig,
     weight_count: int,
     float_bytes: int,
@@ -609,7 +627,7 @@ def _plan_layers(
     gm: GraphModule,
     plan: BitPlan,
     layers: list[str],
-    moments: dict[str, Optional[ChannelMoments]],
+    moments: MomentEstimate,
     cfg: DFMPCConfig,
     report_warnings: list[str],
     weight_count: int,
@@ -626,7 +644,7 @@ def _plan_layers(
             call_counts[str(node.target)] = call_counts.get(str(node.target), 0) + 1
             first_node.setdefault(str(node.target), node)
     if cfg.has_budget:
-        gains = output_noise_gains(gm, moments)
+        gains = output_noise_gains(gm, moments.moments)
         return _plan_under_budget(modules, call_counts, first_node, plan, layers, moments, cfg, weight_count, float_bytes, gains,
                                   report_warnings)
     incoming: dict[str, tuple[torch.Tensor, int]] = {}
