@@ -7,11 +7,13 @@ every number is computed by the pure functions of :mod:`dfmpc_fx.numerics.quant`
 """
 from __future__ import annotations
 
+import contextvars
 import copy
 import dataclasses
 import inspect
 import time
 import warnings
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
 import torch
@@ -20,11 +22,12 @@ from torch.fx import GraphModule, Node
 
 from ..numerics import compensation as cmath
 from ..graph.bits import BitPlan, assign_bits, budget_roles
+from ..numerics.allocation import LayerCost
 from ..numerics.compensation import ChannelMoments
 from ..config import LAYOUT_FIELDS, DFMPCConfig
 from ..errors import CompressedModelError, ConfigError, InvalidModelError, TraceError
 from .apply import apply_plans
-from .budget import DefaultBudgetWarning, choose_widths
+from .budget import BudgetChoice, DefaultBudgetWarning, choose_widths, layer_costs, solve_widths
 from .modules import is_quant_module, quantized_layer_bits, quantized_layer_bytes, to_quant_module
 from .plan import BatchNormState, LayerInputs, LayerPlan, plan_layer, quantize_for
 from ..graph.moments import MomentEstimate, estimate_moments
@@ -271,6 +274,27 @@ def _example_kwargs(model: nn.Module, example_inputs: Any) -> Optional[dict[str,
     return dict(dummy) if isinstance(dummy, dict) and dummy else None
 
 
+@dataclass
+class _PartsBudget:
+    """One size budget shared by the parts of a model compressed part by part. The first pass
+    collects every part's layer costs under their qualified names; :func:`solve_widths` then
+    allocates once over all of them; the second pass hands each part its layers' choices."""
+
+    part: str = ""  # qualified name of the part being compressed
+    bare: bool = False  # the part is a bare conv/linear layer (its one layer is the part)
+    costs: list[LayerCost] = field(default_factory=list)
+    raw: dict[str, list[float]] = field(default_factory=dict)
+    gains: dict[str, float] = field(default_factory=dict)
+    choices: Optional[dict[str, BudgetChoice]] = None
+
+    def qualified(self, local: str) -> str:
+        return self.part if self.bare else f"{self.part}.{local}"
+
+
+#: Set while :func:`_compress_by_parts` runs under a size budget.
+_PARTS_BUDGET: contextvars.ContextVar[Optional[_PartsBudget]] = contextvars.ContextVar("dfmpc_parts_budget", default=None)
+
+
 def _compress_by_parts(model: nn.Module, cfg: DFMPCConfig, leaf_modules: tuple, reason: str) -> nn.Module:
     """A copy of ``model`` in which every largest submodule that traces is compressed on its own
     (its ``forward`` code stays the model's), and conv/linear layers directly under a module
@@ -286,9 +310,7 @@ def _compress_by_parts(model: nn.Module, cfg: DFMPCConfig, leaf_modules: tuple, 
     report_warnings = [f"{type(model).__name__} was compressed part by part: {reason}"]
     part_cfg = cfg
     if cfg.has_budget:
-        # Each part meets the bits-per-weight budget on its own weights, so the model does too.
-        if cfg.target_bytes is not None:
-            raise ConfigError("target_bytes cannot be split over parts compressed one by one: use target_bits")
+        pass  # one knapsack over the layers of every part: the two passes below
     elif cfg.first_last_bits is not None:
         # "first" and "last" of a part are not the model's: the rule would pin every part's
         # ends (every lone layer) and exclude the pairs that end a part.
@@ -300,6 +322,9 @@ def _compress_by_parts(model: nn.Module, cfg: DFMPCConfig, leaf_modules: tuple, 
             name = f"{prefix}{child_name}"
             if not any(isinstance(m, WEIGHTED_MODULES) for m in child.modules()):
                 continue
+            pool = _PARTS_BUDGET.get()
+            if pool is not None:
+                pool.part, pool.bare = name, isinstance(child, WEIGHTED_MODULES)
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", NoCompensablePairWarning)
@@ -307,6 +332,8 @@ def _compress_by_parts(model: nn.Module, cfg: DFMPCConfig, leaf_modules: tuple, 
             except (TraceError, InvalidModelError):
                 visit(child, name + ".")
                 continue
+            if pool is not None and pool.choices is None:
+                continue  # collecting costs: the part is compressed in the second pass
             mod.set_submodule(child_name, part)
             rep = get_report(part)
             for layer in rep.layers:
@@ -317,7 +344,21 @@ def _compress_by_parts(model: nn.Module, cfg: DFMPCConfig, leaf_modules: tuple, 
             pairs.extend(f"{name}: {p}" for p in rep.pairs)
             excluded.extend(f"{name}: {e}" for e in rep.excluded_pairs)
 
-    visit(result, "")
+    if cfg.has_budget:
+        pool = _PartsBudget()
+        token = _PARTS_BUDGET.set(pool)
+        try:
+            visit(structural_copy(model).eval(), "")  # first pass: every part's layer costs
+            quantized = sum(c.numel for c in pool.costs)
+            weight_count = _weight_count(model)
+            pool.choices = solve_widths(pool.costs, pool.raw, pool.gains, cfg, 32.0 * (weight_count - quantized),
+                                        weight_count, 8.0 * _float_bytes(model) - 32.0 * weight_count, report_warnings)
+            visit(result, "")  # second pass: each part with its layers' share of the one allocation
+        finally:
+            _PARTS_BUDGET.reset(token)
+        report_warnings.append(f"size budget allocated over the {len(pool.costs)} layers of all parts at once")
+    else:
+        visit(result, "")
     order = {n: i for i, (n, m) in enumerate(model.named_modules()) if isinstance(m, WEIGHTED_MODULES)}
     reports.sort(key=lambda r: order.get(r.name, len(order)))
     done = {r.name for r in reports}
@@ -330,7 +371,7 @@ def _compress_by_parts(model: nn.Module, cfg: DFMPCConfig, leaf_modules: tuple, 
         config=cfg.to_dict(), layers=reports, pairs=pairs, excluded_pairs=excluded, refusals=refusals,
         float_bytes=float_bytes, compressed_bytes=_compressed_bytes(result),
         bits_per_weight=_bits_per_weight(result, _weight_count(model)), target_bits=cfg.target_bits,
-        compress_seconds=time.perf_counter() - start, torch_version=torch.__version__, warnings=report_warnings,
+        target_bytes=cfg.target_bytes, compress_seconds=time.perf_counter() - start, torch_version=torch.__version__, warnings=report_warnings,
     )
     setattr(result, REPORT_KEY, report.to_dict())
     return result
@@ -572,7 +613,18 @@ def _plan_under_budget(
     quantizable = [inp for inp in inputs if inp.bits is not None]
     fixed_weight_bits = 32.0 * (weight_count - sum(inp.weight.numel() for inp in quantizable))
     fixed_other_bits = 8.0 * float_bytes - 32.0 * weight_count
-    choices = choose_widths(quantizable, cfg, fixed_weight_bits, weight_count, fixed_other_bits, gains, notes)
+    pool = _PARTS_BUDGET.get()
+    if pool is None:
+        choices = choose_widths(quantizable, cfg, fixed_weight_bits, weight_count, fixed_other_bits, gains, notes)
+    elif pool.choices is None:  # a part, first pass: its costs join the model's one knapsack
+        names = [pool.qualified(inp.name) for inp in quantizable]
+        costs, raw = layer_costs(quantizable, cfg, gains, names)
+        pool.costs += costs
+        pool.raw.update(raw)
+        pool.gains.update((q, gains.get(inp.name, 1.0)) for q, inp in zip(names, quantizable))
+        choices = {}
+    else:
+        choices = {inp.name: pool.choices[pool.qualified(inp.name)] for inp in quantizable}
     plans = []
     for inp in inputs:
         choice = choices.get(inp.name)
