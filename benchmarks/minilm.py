@@ -32,7 +32,8 @@ sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "minilm_results.json"
 
 ROWS: list[tuple[str, dict[str, Any]]] = [
-    ("uniform W8 (default config)", {}),
+    ("uniform W8", {"default_bits": 8, "first_last_bits": None}),
+    ("default config (target_bits 4.0)", {}),
     ("uniform W4 plain", {"default_bits": 4, "first_last_bits": None, "compensate": False}),
     ("uniform W4 corrected", {"default_bits": 4, "first_last_bits": None}),
     ("uniform W4 corrected, LayerNorm means", {"default_bits": 4, "first_last_bits": None, "layernorm_mean_correction": True}),
