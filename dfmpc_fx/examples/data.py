@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 __all__ = [
+    "machine_sentences",
     "FASHION_MNIST_DIR",
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",
@@ -175,3 +176,21 @@ def calibration_subset(n: int = 2000, seed: int = 0) -> torch.Tensor:
     generator.manual_seed(seed)
     index = torch.randperm(images.shape[0], generator=generator)[:n]
     return images[index].clone()
+
+
+def machine_sentences(n: int) -> list[str]:
+    """Up to ``n`` English sentences (20-300 characters) cut from the license texts every Debian
+    system carries (``/usr/share/common-licenses``, ``/usr/share/doc/*/copyright``), in a fixed
+    order: text that is on the machine, for checking sentence embeddings offline."""
+    import glob
+
+    out: list[str] = []
+    for path in sorted(glob.glob("/usr/share/common-licenses/*")) + sorted(glob.glob("/usr/share/doc/*/copyright")):
+        try:
+            text = open(path, encoding="utf-8").read()
+        except (OSError, UnicodeDecodeError):
+            continue
+        out += [s.strip() for s in text.replace("\n", " ").split(". ") if 20 < len(s.strip()) < 300]
+        if len(out) >= n:
+            break
+    return out[:n]

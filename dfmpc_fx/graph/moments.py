@@ -38,7 +38,7 @@ from .pairs import (
     HOMOGENEOUS_METHODS,
     WEIGHTED_MODULES,
 )
-from .tracing import is_batchnorm_act, own_forward
+from .tracing import EXAMPLE_SHAPE_KEY as SHAPE_KEY, is_batchnorm_act, own_forward
 
 __all__ = ["MomentEstimate", "estimate_moments", "propagate_moments", "layer_input_moments"]
 
@@ -135,6 +135,12 @@ class MomentEstimate:
     reasons: dict[str, str] = field(default_factory=dict)
     source: dict[str, str] = field(default_factory=dict)
     layout: dict[str, Optional[str]] = field(default_factory=dict)
+    #: node name -> the LayerNorm whose output moments the node's mean rests on. Without
+    #: recorded statistics a LayerNorm's per-feature output mean is taken as its ``beta`` (the
+    #: normalised features as zero mean per feature), which trained transformers violate:
+    #: on all-MiniLM-L6-v2 those means are further from the measured ones than zero is, so
+    #: ``compress`` does not mean-correct from them by default (the variances still serve).
+    assumed: dict[str, str] = field(default_factory=dict)
 
 
 def _scalar(mean: float, std: float) -> ChannelMoments:
@@ -227,6 +233,75 @@ def _permuted_layout(node: Node, layout: Optional[str]) -> tuple[bool, Optional[
     if new == len(dims) - 1:
         return True, FEATURE
     return False, None
+
+
+_HEADS = "heads:"  # a per-feature tensor split into (heads, head_dim): "heads:<dim of H>,<dim of D>"
+
+
+def _heads(layout: Optional[str]) -> Optional[tuple[int, int]]:
+    if layout is None or not layout.startswith(_HEADS):
+        return None
+    h, d = layout[len(_HEADS):].split(",")
+    return int(h), int(d)
+
+
+def _shape(node: object) -> Optional[tuple[int, ...]]:
+    return node.meta.get(SHAPE_KEY) if isinstance(node, Node) else None
+
+
+def _head_op(node: Node, x: Optional[ChannelMoments], xl: Optional[str], get: Callable[[object], Optional[ChannelMoments]],
+             lay: Callable[[object], Optional[str]]) -> Optional[tuple[Optional[ChannelMoments], Optional[str]]]:
+    """Moments through the reshapes and transposes of multi-head attention, and through the
+    attention itself, where an example trace recorded the shapes; None: no rule applies.
+
+    A per-feature (last dim) tensor of C features viewed as ``(..., H, D)`` keeps its C feature
+    moments (feature ``h * D + d``); transposes move the two dims; merging them back as the last
+    dim gives per-feature moments again. ``scaled_dot_product_attention(q, k, v)``: each output
+    row is a convex combination of rows of ``v`` (softmax weights), so it is given ``v``'s
+    moments. The mean is exact when every token's value has the same mean; the variance of a
+    weighted average is at most ``v``'s, so ``v``'s variance is an upper bound (independent of the
+    attention pattern, which is not known without data).
+    """
+    target, method = node.target, node.op == "call_method"
+    src = node.args[0] if node.args else None
+    if target is F.scaled_dot_product_attention:
+        v_arg = _arg(node, 2, "value", None)
+        v, vl = get(v_arg), lay(v_arg)
+        if v is not None and (_heads(vl) is not None or vl == FEATURE):
+            return v, vl
+        return None
+    in_shape, out_shape = _shape(src), _shape(node)
+    if x is None or in_shape is None or out_shape is None:
+        return None
+    c = x.mean.numel()
+    heads = _heads(xl)
+    if method and target in ("view", "reshape") or target is torch.reshape:
+        if xl == FEATURE and in_shape[-1] == c:
+            if out_shape[-1] == c:
+                return x, FEATURE
+            n = len(out_shape)
+            if n >= 2 and out_shape[-2] * out_shape[-1] == c and tuple(out_shape[:-2]) == tuple(in_shape[:-1]):
+                return x, f"{_HEADS}{n - 2},{n - 1}"
+        elif heads is not None:
+            n = len(in_shape)
+            if tuple(out_shape) == tuple(in_shape):
+                return x, xl
+            if heads == (n - 2, n - 1) and tuple(out_shape) == tuple(in_shape[:-2]) + (c,):
+                return x, FEATURE
+        return None
+    if heads is not None and ((method and target == "transpose") or target is torch.transpose):
+        dims = [_arg(node, 1, "dim0", None), _arg(node, 2, "dim1", None)]
+        if not all(isinstance(d, int) for d in dims):
+            return None
+        n = len(in_shape)
+        i, j = (d % n for d in dims)
+        swap = {i: j, j: i}
+        return x, f"{_HEADS}{swap.get(heads[0], heads[0])},{swap.get(heads[1], heads[1])}"
+    if target is operator.getitem and xl == FEATURE and in_shape[-1] == c and out_shape and out_shape[-1] == c:
+        idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        if len(idx) < len(in_shape) and all(isinstance(i, (int, slice)) for i in idx):
+            return x, FEATURE  # tokens selected (BERT's pooler reads the first): features unchanged
+    return None
 
 
 def _number(v: Any) -> Optional[float]:
@@ -360,6 +435,8 @@ def estimate_moments(gm: GraphModule, input_mean: float = 0.0, input_std: float 
                 out, reason = (cmath.relu_moments(x), None) if x is not None else (None, upstream)
             elif target is F.prelu:
                 reason = f"{desc}: functional PReLU (slopes not known here)"
+            elif (head := _head_op(node, x, xl, get, lay)) is not None:
+                out, layout = head
             elif (not method and (target in HOMOGENEOUS_FUNCTIONS or target in FLATTEN_FUNCTIONS)) or \
                     (method and (target in HOMOGENEOUS_METHODS or target in FLATTEN_METHODS)):
                 out, reason = x, upstream
@@ -473,6 +550,13 @@ def estimate_moments(gm: GraphModule, input_mean: float = 0.0, input_std: float 
         else:
             reason = f"{desc}: no moments rule"
 
+        if out is not None and bn_name is None:
+            if node.op == "call_module" and isinstance(modules.get(str(target)), nn.LayerNorm) or target is F.layer_norm:
+                res.assumed[node.name] = str(target) if node.op == "call_module" else node.name
+            else:
+                origin = next((res.assumed[p.name] for p in node.all_input_nodes if p.name in res.assumed), None)
+                if origin is not None:
+                    res.assumed[node.name] = origin
         if out is not None:
             res.source.setdefault(node.name, "propagated")
             res.layout[node.name] = layout

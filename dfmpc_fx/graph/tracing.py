@@ -193,3 +193,192 @@ def trace_model(
         node.type = None
     name = type(model).__name__
     return GraphModule(tracer.root, graph, name)
+
+
+# --- Tracing with an example input (an analysis graph, specialised to the example's shapes) ---
+
+#: ``node.meta`` key of the shape a node's value had on the example input.
+EXAMPLE_SHAPE_KEY = "example_shape"
+_CONCRETE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "requires_grad", "layout", "is_sparse"})
+
+
+def _value_of(a: Any) -> Any:
+    """The concrete value a (possibly nested) argument holds during an example trace."""
+    if isinstance(a, _ProbeProxy):
+        return a.value
+    if isinstance(a, tuple):
+        return tuple(_value_of(x) for x in a)
+    if isinstance(a, list):
+        return [_value_of(x) for x in a]
+    if isinstance(a, dict):
+        return {k: _value_of(v) for k, v in a.items()}
+    if isinstance(a, slice):
+        return slice(_value_of(a.start), _value_of(a.stop), _value_of(a.step))
+    return a
+
+
+class _ProbeProxy(_InplaceAddProxy):
+    """A Proxy that also holds the value its node takes on the example input.
+
+    Shapes, dtypes, lengths, truth values and integer conversions are answered from that value
+    (so shape arithmetic and control flow resolve as they would on the example, and the graph
+    is specialised to it); tensor ops are still recorded."""
+
+    value: Any = None
+
+    def __getattr__(self, k: str) -> Any:
+        if k in _CONCRETE_ATTRIBUTES and isinstance(self.value, torch.Tensor):
+            return getattr(self.value, k)
+        return super().__getattr__(k)
+
+    def size(self, dim: Optional[int] = None) -> Any:
+        return self.value.size() if dim is None else self.value.size(dim)
+
+    def dim(self) -> int:
+        return self.value.dim()
+
+    def numel(self) -> int:
+        return self.value.numel()
+
+    def __bool__(self) -> bool:
+        return bool(self.value)
+
+    def __len__(self) -> int:
+        return len(self.value)
+
+    def __index__(self) -> int:
+        return int(self.value)
+
+    def __int__(self) -> int:
+        return int(self.value)
+
+    def __float__(self) -> float:
+        return float(self.value)
+
+    def __iter__(self) -> Any:
+        return iter([self[i] for i in range(len(self.value))])
+
+    def __contains__(self, item: Any) -> bool:
+        return item in self.value
+
+    def keys(self) -> Any:
+        return self.value.keys()
+
+    def item(self) -> Any:
+        return self.value.item()
+
+    def tolist(self) -> Any:
+        return self.value.tolist()
+
+
+class _ExampleTracer(_LeafTracer):
+    """:class:`_LeafTracer` that runs every recorded op on the example input as it records it."""
+
+    def __init__(self, leaf_modules: Iterable[LeafSpec], inputs: dict[str, Any]) -> None:
+        super().__init__(leaf_modules)
+        self.inputs = inputs
+        self._evaluating = 0
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        if self._evaluating:  # computing a leaf's value: run it, record nothing
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
+        if self._evaluating:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def proxy(self, node: Node) -> Proxy:
+        return _ProbeProxy(node, self)
+
+    def create_proxy(self, kind: str, target: Any, args: tuple, kwargs: dict, name: Optional[str] = None,
+                     type_expr: Any = None, proxy_factory_fn: Any = None) -> Proxy:
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        vargs, vkwargs = _value_of(args), _value_of(kwargs)
+        if kind == "placeholder":
+            value = self.inputs.get(str(target).lstrip("*"))
+        else:
+            self._evaluating += 1
+            try:
+                value = self._evaluate(kind, target, vargs, vkwargs)
+            finally:
+                self._evaluating -= 1
+        if isinstance(proxy, _ProbeProxy):
+            proxy.value = value
+        if isinstance(value, torch.Tensor):
+            proxy.node.meta[EXAMPLE_SHAPE_KEY] = tuple(value.shape)
+        return proxy
+
+    def _evaluate(self, kind: str, target: Any, args: Any, kwargs: Any) -> Any:
+        if kind == "get_attr":
+            value: Any = self.root
+            for part in str(target).split("."):
+                value = getattr(value, part)
+            return value
+        if kind == "call_function":
+            return target(*args, **kwargs)
+        if kind == "call_method":
+            return getattr(args[0], target)(*args[1:], **kwargs)
+        if kind == "call_module":
+            return self.root.get_submodule(target)(*args, **kwargs)
+        return None
+
+    def to_bool(self, obj: Proxy) -> bool:
+        return bool(_value_of(obj))
+
+    def iter(self, obj: Proxy) -> Any:
+        return iter(_value_of(obj))
+
+
+class _Entry(nn.Module):
+    """Root for an example trace: ``model``'s submodules under their own names, and a forward
+    that calls ``model``'s forward with the traced inputs as keywords."""
+
+    def __init__(self, model: nn.Module, names: tuple[str, ...]) -> None:
+        super().__init__()
+        self._modules = model._modules
+        self._parameters = model._parameters
+        self._buffers = model._buffers
+        object.__setattr__(self, "_target", model)
+        object.__setattr__(self, "_names", names)
+
+    def forward(self, *inputs: Any) -> Any:
+        out = type(self._target).forward(self._target, **dict(zip(self._names, inputs)))
+        if isinstance(out, dict):  # a ModelOutput: its tensors
+            return tuple(v for v in out.values() if v is not None)
+        return out
+
+
+def trace_with_example(
+    model: nn.Module, example: dict[str, Any], leaf_modules: Iterable[LeafSpec] = (),
+) -> GraphModule:
+    """An fx graph of ``model`` called as ``model(**example)``, for analysis only.
+
+    Every op runs on the example while it is recorded, so code that reads shapes, branches on
+    values or indexes buffers by a sequence length (Hugging Face models) traces; the graph is
+    specialised to the example's shapes and is not a replacement for ``model``. Qualified module
+    names are ``model``'s. Raises :class:`TraceError` as :func:`trace_model` does.
+    """
+    names = tuple(example)
+    root = _Entry(model, names)
+    tracer = _ExampleTracer(leaf_modules, dict(example))
+    # placeholders named after the keywords
+    code = "def forward(self, {0}):\n    return _Entry.forward(self, {0})\n".format(", ".join(names))
+    scope: dict[str, Any] = {"_Entry": _Entry}
+    exec(code, scope)  # noqa: S102 - a fixed template over the example's keyword names
+    fwd = scope["forward"]
+    entry_type = type(f"{type(model).__name__}Entry", (_Entry,), {"forward": fwd})
+    root.__class__ = entry_type
+    try:
+        with torch.no_grad():
+            graph = tracer.trace(root)
+    except Exception as exc:
+        where = _offending_frame(exc)
+        raise TraceError(
+            f"torch.fx could not trace {type(model).__name__} on its example input: {type(exc).__name__}: {exc}\n"
+            + (f"  offending code: {where}\n" if where else "")
+        ) from exc
+    for node in graph.nodes:
+        node.type = None
+    return GraphModule(tracer.root, graph, type(model).__name__)

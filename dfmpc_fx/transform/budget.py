@@ -14,7 +14,7 @@ from ..errors import ConfigError
 from ..numerics.allocation import Candidate, InfeasibleBudget, LayerCost, allocate, estimate_layer
 from .plan import LayerInputs, quantize_for
 
-__all__ = ["BudgetChoice", "choose_widths", "candidates_for", "DefaultBudgetWarning"]
+__all__ = ["BudgetChoice", "choose_widths", "candidates_for", "DefaultBudgetWarning", "layer_costs", "solve_widths"]
 
 
 class DefaultBudgetWarning(UserWarning):
@@ -59,36 +59,42 @@ def _input_variance_per_weight(inp: LayerInputs) -> Optional[torch.Tensor]:
     return rows.repeat_interleave(k, dim=1) if k > 1 else rows
 
 
-def choose_widths(
-    inputs: list[LayerInputs], cfg: DFMPCConfig, fixed_weight_bits: float, all_weights: int, fixed_other_bits: float,
-    gains: dict[str, float], notes: Optional[list[str]] = None,
-) -> dict[str, BudgetChoice]:
-    """Widths and granularities of the quantizable layers ``inputs`` under the configured budget.
-    ``notes`` receives the warning when the default budget is out of this model's reach (its
-    smallest size is used then; an explicit budget out of reach is a ConfigError).
-
-    ``fixed_weight_bits``: bits of conv/linear weights that stay in float whatever the budget
-    (skipped or unreachable layers, 32 bits each); ``all_weights``: the number of conv/linear
-    weights of the whole model; ``fixed_other_bits``: the rest of the model (biases, norms,
-    embeddings), for ``target_bytes``; ``gains``: each layer's output-noise gain
-    (:func:`dfmpc_fx.graph.sensitivity.output_noise_gains`), which weighs its damage.
-    """
+def layer_costs(
+    inputs: list[LayerInputs], cfg: DFMPCConfig, gains: dict[str, float], names: Optional[list[str]] = None,
+) -> tuple[list[LayerCost], dict[str, list[float]]]:
+    """The allocator's options of every layer of ``inputs``: sizes, and damage weighted by the
+    layer's output-noise gain (:func:`dfmpc_fx.graph.sensitivity.output_noise_gains`, keyed by
+    the layers' own names), with the unweighted noise-to-signal ratios by cost name.
+    ``names``: the names the costs carry (and ``fixed_bits`` is looked up by), by default the
+    layers' own (a part of a model compressed part by part passes its qualified names)."""
     costs: list[LayerCost] = []
-    for inp in inputs:
+    raw: dict[str, list[float]] = {}
+    for i, inp in enumerate(inputs):
+        name = names[i] if names is not None else inp.name
         row_len = inp.weight[0].numel()
-        options = candidates_for(inp.name, cfg, row_len)
+        options = candidates_for(name, cfg, row_len)
 
         def quantize(rows: torch.Tensor, opt: Candidate) -> torch.Tensor:
             return quantize_for(rows, opt.bits, cfg, opt.group_size, inp.role).dequantize()
 
-        costs.append(estimate_layer(
-            inp.name, inp.weight, options, quantize, _input_variance_per_weight(inp),
+        cost = estimate_layer(
+            name, inp.weight, options, quantize, _input_variance_per_weight(inp),
             inp.bn.var if inp.bn is not None else None, cfg.scheme, scale_bits=cfg.scale_bits,
-        ))
-    raw = [list(c.damage) for c in costs]
-    for c in costs:
-        g = gains.get(c.name, 1.0)
-        c.damage = [d * g for d in c.damage]
+        )
+        raw[name] = list(cost.damage)
+        g = gains.get(inp.name, 1.0)
+        cost.damage = [d * g for d in cost.damage]
+        costs.append(cost)
+    return costs, raw
+
+
+def solve_widths(
+    costs: list[LayerCost], raw: dict[str, list[float]], gains: dict[str, float], cfg: DFMPCConfig,
+    fixed_weight_bits: float, all_weights: int, fixed_other_bits: float, notes: Optional[list[str]] = None,
+) -> dict[str, BudgetChoice]:
+    """One knapsack over ``costs`` (every layer the budget covers: of one traced model, or of all
+    the parts of a model compressed part by part) for the configured budget, keyed by cost
+    name; ``gains`` (by cost name) are only reported. Arguments as :func:`choose_widths`."""
     if cfg.target_bits is not None:
         budget = cfg.target_bits * all_weights - fixed_weight_bits
     else:
@@ -106,26 +112,38 @@ def choose_widths(
             # smallest size with a warning instead of an error about a budget it never set.
             note = (f"the default budget target_bits={cfg.target_bits:g} is below the smallest this model can be "
                     f"made ({reach}): every layer got its smallest option; pass target_bits=... or a layout to choose")
-            warnings.warn(note, DefaultBudgetWarning, stacklevel=2)
+            warnings.warn(note, DefaultBudgetWarning, stacklevel=3)
             if notes is not None:
                 notes.append(note)
             choice = allocate(costs, exc.smallest)
-            return _choices(inputs, costs, choice, raw, gains)
-        raise ConfigError(
-            f"the size budget cannot be reached: the smallest this model can be made with candidate_bits="
-            f"{cfg.candidate_bits}, group_sizes={cfg.group_sizes}, fixed_bits and skip_layers as given is {reach}; "
-            "raise the budget, allow lower candidate_bits, or pin fewer layers"
-        ) from None
-    return _choices(inputs, costs, choice, raw, gains)
-
-
-def _choices(inputs: list[LayerInputs], costs: list, choice: list[int], raw: list[list[float]],
-             gains: dict[str, float]) -> dict[str, BudgetChoice]:
+        else:
+            raise ConfigError(
+                f"the size budget cannot be reached: the smallest this model can be made with candidate_bits="
+                f"{cfg.candidate_bits}, group_sizes={cfg.group_sizes}, fixed_bits and skip_layers as given is {reach}; "
+                "raise the budget, allow lower candidate_bits, or pin fewer layers"
+            ) from None
     out: dict[str, BudgetChoice] = {}
-    for inp, cost, idx, nsr in zip(inputs, costs, choice, raw):
-        out[inp.name] = BudgetChoice(
+    for cost, idx in zip(costs, choice):
+        out[cost.name] = BudgetChoice(
             option=cost.options[idx], size_bits=cost.size_bits[idx],
-            estimate={opt.label(): d for opt, d in zip(cost.options, nsr)}, gain=gains.get(inp.name, 1.0),
+            estimate={opt.label(): d for opt, d in zip(cost.options, raw[cost.name])}, gain=gains.get(cost.name, 1.0),
         )
     return out
 
+
+def choose_widths(
+    inputs: list[LayerInputs], cfg: DFMPCConfig, fixed_weight_bits: float, all_weights: int, fixed_other_bits: float,
+    gains: dict[str, float], notes: Optional[list[str]] = None,
+) -> dict[str, BudgetChoice]:
+    """Widths and granularities of the quantizable layers ``inputs`` under the configured budget.
+    ``notes`` receives the warning when the default budget is out of this model's reach (its
+    smallest size is used then; an explicit budget out of reach is a ConfigError).
+
+    ``fixed_weight_bits``: bits of conv/linear weights that stay in float whatever the budget
+    (skipped or unreachable layers, 32 bits each); ``all_weights``: the number of conv/linear
+    weights of the whole model; ``fixed_other_bits``: the rest of the model (biases, norms,
+    embeddings), for ``target_bytes``; ``gains``: each layer's output-noise gain
+    (:func:`dfmpc_fx.graph.sensitivity.output_noise_gains`), which weighs its damage.
+    """
+    costs, raw = layer_costs(inputs, cfg, gains)
+    return solve_widths(costs, raw, gains, cfg, fixed_weight_bits, all_weights, fixed_other_bits, notes)

@@ -7,10 +7,13 @@ every number is computed by the pure functions of :mod:`dfmpc_fx.numerics.quant`
 """
 from __future__ import annotations
 
+import contextvars
 import copy
 import dataclasses
+import inspect
 import time
 import warnings
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
 import torch
@@ -19,18 +22,19 @@ from torch.fx import GraphModule, Node
 
 from ..numerics import compensation as cmath
 from ..graph.bits import BitPlan, assign_bits, budget_roles
+from ..numerics.allocation import LayerCost
 from ..numerics.compensation import ChannelMoments
 from ..config import LAYOUT_FIELDS, DFMPCConfig
 from ..errors import CompressedModelError, ConfigError, InvalidModelError, TraceError
 from .apply import apply_plans
-from .budget import DefaultBudgetWarning, choose_widths
+from .budget import BudgetChoice, DefaultBudgetWarning, choose_widths, layer_costs, solve_widths
 from .modules import is_quant_module, quantized_layer_bits, quantized_layer_bytes, to_quant_module
 from .plan import BatchNormState, LayerInputs, LayerPlan, plan_layer, quantize_for
-from ..graph.moments import propagate_moments
+from ..graph.moments import MomentEstimate, estimate_moments
 from ..graph.sensitivity import output_noise_gains
 from ..graph.pairs import BATCHNORM_MODULES, WEIGHTED_MODULES, _consumers, search_graph
 from .report import REPORT_KEY, CompressionReport, LayerReport, get_report
-from ..graph.tracing import LeafSpec, structural_copy, trace_model
+from ..graph.tracing import LeafSpec, structural_copy, trace_model, trace_with_example
 
 __all__ = ["compress", "swap_compressed_modules", "NoCompensablePairWarning", "DefaultBudgetWarning"]
 
@@ -115,6 +119,7 @@ def _copy_leaf(mod: nn.Module, shared: set[int]) -> nn.Module:
 
 def _traced_working_copy(
     model: nn.Module, concrete_args: Optional[dict[str, Any]], leaf_modules: Iterable[LeafSpec],
+    example: Optional[dict[str, Any]] = None,
 ) -> GraphModule:
     """A GraphModule of ``model`` in eval mode that shares nothing with ``model`` but the
     conv/linear weights (only read, then replaced).
@@ -125,11 +130,16 @@ def _traced_working_copy(
     with any submodule in train mode is deep-copied and set to eval first, since ``forward``
     code may branch on ``self.training`` while being traced.
     """
+    def trace(m: nn.Module) -> GraphModule:
+        if example is not None:
+            return trace_with_example(m, example, leaf_modules)
+        return trace_model(m, concrete_args, leaf_modules)
+
     if any(m.training for m in model.modules()):
-        return trace_model(_copy_sharing_layer_weights(model).eval(), concrete_args, leaf_modules)
+        return trace(_copy_sharing_layer_weights(model).eval())
     # A structural copy (tensors shared): forward code that caches on ``self`` while traced
     # (timm's attention-bias cache) writes into the copy, not into the user's model.
-    gm = trace_model(structural_copy(model), concrete_args, leaf_modules)
+    gm = trace(structural_copy(model))
     shared = {id(m.weight) for m in model.modules()
               if isinstance(m, WEIGHTED_MODULES) and isinstance(m.weight, nn.Parameter)}
     copies: set[int] = set()
@@ -247,6 +257,44 @@ def _is_transformers_model(model: nn.Module) -> bool:
     return any(c.__module__.startswith("transformers.") and c.__name__ == "PreTrainedModel" for c in type(model).__mro__)
 
 
+def _example_kwargs(model: nn.Module, example_inputs: Any) -> Optional[dict[str, Any]]:
+    """Keyword inputs to trace ``model`` on (a Hugging Face model): ``example_inputs`` (a dict
+    of keywords, or positional arguments matched to ``forward``'s parameters), else the
+    model's own ``dummy_inputs``; None when there are none."""
+    if isinstance(example_inputs, dict):
+        return dict(example_inputs)
+    if example_inputs is not None:
+        args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        names = [p for p in inspect.signature(model.forward).parameters][:len(args)]
+        return dict(zip(names, args)) if len(names) == len(args) else None
+    try:
+        dummy = getattr(model, "dummy_inputs", None)
+    except Exception:  # a property that fails for this configuration
+        return None
+    return dict(dummy) if isinstance(dummy, dict) and dummy else None
+
+
+@dataclass
+class _PartsBudget:
+    """One size budget shared by the parts of a model compressed part by part. The first pass
+    collects every part's layer costs under their qualified names; :func:`solve_widths` then
+    allocates once over all of them; the second pass hands each part its layers' choices."""
+
+    part: str = ""  # qualified name of the part being compressed
+    bare: bool = False  # the part is a bare conv/linear layer (its one layer is the part)
+    costs: list[LayerCost] = field(default_factory=list)
+    raw: dict[str, list[float]] = field(default_factory=dict)
+    gains: dict[str, float] = field(default_factory=dict)
+    choices: Optional[dict[str, BudgetChoice]] = None
+
+    def qualified(self, local: str) -> str:
+        return self.part if self.bare else f"{self.part}.{local}"
+
+
+#: Set while :func:`_compress_by_parts` runs under a size budget.
+_PARTS_BUDGET: contextvars.ContextVar[Optional[_PartsBudget]] = contextvars.ContextVar("dfmpc_parts_budget", default=None)
+
+
 def _compress_by_parts(model: nn.Module, cfg: DFMPCConfig, leaf_modules: tuple, reason: str) -> nn.Module:
     """A copy of ``model`` in which every largest submodule that traces is compressed on its own
     (its ``forward`` code stays the model's), and conv/linear layers directly under a module
@@ -262,9 +310,7 @@ def _compress_by_parts(model: nn.Module, cfg: DFMPCConfig, leaf_modules: tuple, 
     report_warnings = [f"{type(model).__name__} was compressed part by part: {reason}"]
     part_cfg = cfg
     if cfg.has_budget:
-        # Each part meets the bits-per-weight budget on its own weights, so the model does too.
-        if cfg.target_bytes is not None:
-            raise ConfigError("target_bytes cannot be split over parts compressed one by one: use target_bits")
+        pass  # one knapsack over the layers of every part: the two passes below
     elif cfg.first_last_bits is not None:
         # "first" and "last" of a part are not the model's: the rule would pin every part's
         # ends (every lone layer) and exclude the pairs that end a part.
@@ -276,6 +322,9 @@ def _compress_by_parts(model: nn.Module, cfg: DFMPCConfig, leaf_modules: tuple, 
             name = f"{prefix}{child_name}"
             if not any(isinstance(m, WEIGHTED_MODULES) for m in child.modules()):
                 continue
+            pool = _PARTS_BUDGET.get()
+            if pool is not None:
+                pool.part, pool.bare = name, isinstance(child, WEIGHTED_MODULES)
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", NoCompensablePairWarning)
@@ -283,6 +332,8 @@ def _compress_by_parts(model: nn.Module, cfg: DFMPCConfig, leaf_modules: tuple, 
             except (TraceError, InvalidModelError):
                 visit(child, name + ".")
                 continue
+            if pool is not None and pool.choices is None:
+                continue  # collecting costs: the part is compressed in the second pass
             mod.set_submodule(child_name, part)
             rep = get_report(part)
             for layer in rep.layers:
@@ -293,7 +344,21 @@ def _compress_by_parts(model: nn.Module, cfg: DFMPCConfig, leaf_modules: tuple, 
             pairs.extend(f"{name}: {p}" for p in rep.pairs)
             excluded.extend(f"{name}: {e}" for e in rep.excluded_pairs)
 
-    visit(result, "")
+    if cfg.has_budget:
+        pool = _PartsBudget()
+        token = _PARTS_BUDGET.set(pool)
+        try:
+            visit(structural_copy(model).eval(), "")  # first pass: every part's layer costs
+            quantized = sum(c.numel for c in pool.costs)
+            weight_count = _weight_count(model)
+            pool.choices = solve_widths(pool.costs, pool.raw, pool.gains, cfg, 32.0 * (weight_count - quantized),
+                                        weight_count, 8.0 * _float_bytes(model) - 32.0 * weight_count, report_warnings)
+            visit(result, "")  # second pass: each part with its layers' share of the one allocation
+        finally:
+            _PARTS_BUDGET.reset(token)
+        report_warnings.append(f"size budget allocated over the {len(pool.costs)} layers of all parts at once")
+    else:
+        visit(result, "")
     order = {n: i for i, (n, m) in enumerate(model.named_modules()) if isinstance(m, WEIGHTED_MODULES)}
     reports.sort(key=lambda r: order.get(r.name, len(order)))
     done = {r.name for r in reports}
@@ -306,7 +371,7 @@ def _compress_by_parts(model: nn.Module, cfg: DFMPCConfig, leaf_modules: tuple, 
         config=cfg.to_dict(), layers=reports, pairs=pairs, excluded_pairs=excluded, refusals=refusals,
         float_bytes=float_bytes, compressed_bytes=_compressed_bytes(result),
         bits_per_weight=_bits_per_weight(result, _weight_count(model)), target_bits=cfg.target_bits,
-        compress_seconds=time.perf_counter() - start, torch_version=torch.__version__, warnings=report_warnings,
+        target_bytes=cfg.target_bytes, compress_seconds=time.perf_counter() - start, torch_version=torch.__version__, warnings=report_warnings,
     )
     setattr(result, REPORT_KEY, report.to_dict())
     return result
@@ -389,29 +454,46 @@ def compress(
     _check_model(model)
     float_bytes = _float_bytes(model)
 
+    report_warnings: list[str] = []
     try:
         gm = _traced_working_copy(model, concrete_args, leaf_modules)
     except TraceError as exc:
         if untraceable == "raise" or (untraceable == "auto" and not _is_transformers_model(model)):
             raise
-        result = _compress_by_parts(model, cfg, tuple(leaf_modules), str(exc).splitlines()[0])
-        if example_inputs is not None:
-            _check_runs(result, example_inputs)
-        return result
+        gm = None
+        reason = str(exc).splitlines()[0]
+        example = _example_kwargs(model, example_inputs) if untraceable == "auto" else None
+        if example is not None:
+            # One graph of the whole model, recorded while it runs on an example input: shapes
+            # and branches are the example's, so it serves the analysis (pairs, moments, the
+            # budget) and the result is the model's own class with the layers swapped in.
+            try:
+                gm = _traced_working_copy(model, None, leaf_modules, example)
+            except TraceError as exc2:
+                reason += f"; traced on its example input: {str(exc2).splitlines()[0]}"
+        if gm is None:
+            result = _compress_by_parts(model, cfg, tuple(leaf_modules), reason)
+            if example_inputs is not None:
+                _check_runs(result, example_inputs)
+            return result
+        output = "module"
+        report_warnings.append(
+            f"{type(model).__name__} does not trace symbolically ({reason}); it was traced on an example input "
+            f"({', '.join(f'{k}: {tuple(v.shape)}' if isinstance(v, torch.Tensor) else k for k, v in example.items())}) "
+            "and is returned as its own class with the compressed layers swapped in")
     search = search_graph(gm)
     if not search.layers:
         raise InvalidModelError(
             f"{type(model).__name__} has no Conv1d/Conv2d/Linear module reached by its forward: nothing to quantize"
         )
     plan = budget_roles(search, cfg) if cfg.has_budget else assign_bits(search, cfg)
-    report_warnings: list[str] = []
     if not plan.active_pairs and not cfg.has_budget:
         msg = (f"{type(model).__name__} has no compensable pair ({len(search.refusals)} candidates refused: "
                f"{search.refusal_counts()}); quantizing every layer at its default bit width without compensation")
         warnings.warn(msg, NoCompensablePairWarning, stacklevel=2)
         report_warnings.append(msg)
 
-    moments = propagate_moments(gm, cfg.input_mean, cfg.input_std) if cfg.method == "dfmpc" else {}
+    moments = estimate_moments(gm, cfg.input_mean, cfg.input_std) if cfg.method == "dfmpc" else MomentEstimate()
     weight_count = _weight_count(model)
     plans = _plan_layers(gm, plan, search.layers, moments, cfg, report_warnings, weight_count, float_bytes)
     apply_plans(gm, plans)
@@ -458,7 +540,7 @@ def _layer_inputs(
     call_counts: dict[str, int],
     node: Node,
     plan: BitPlan,
-    moments: dict[str, Optional[ChannelMoments]],
+    moments: MomentEstimate,
     incoming: Optional[tuple[torch.Tensor, int]],
     cfg: DFMPCConfig,
 ) -> LayerInputs:
@@ -470,13 +552,30 @@ def _layer_inputs(
     ref = layer.weight.detach().to(dtype)
     bias = layer.bias.detach().to(dtype) if layer.bias is not None else None
     in_m: Optional[ChannelMoments] = None
-    if cfg.method == "dfmpc" and call_counts[name] == 1:
+    mean_trusted = True
+    if cfg.method == "dfmpc":
         src = node.args[0] if node.args else None
-        est = moments.get(src.name) if isinstance(src, Node) else None
+        key = src.name if isinstance(src, Node) else None
+        if call_counts[name] != 1:
+            provenance = "module called more than once"
+        elif key is None:
+            provenance = "input is not a graph value"
+        else:
+            provenance = moments.reasons.get(key, "unknown")
+        est = moments.moments.get(key) if key is not None and call_counts[name] == 1 else None
         if est is not None:
             est = cmath.expand_moments(est, _layer_size(layer))
+            if est is None:
+                provenance = f"input moments of another size than the layer's {_layer_size(layer)} inputs"
         if est is not None:
             in_m = ChannelMoments(est.mean.to(dtype), est.var.to(dtype))
+            provenance = moments.source.get(key, "propagated")
+            if key in moments.assumed:
+                mean_trusted = cfg.layernorm_mean_correction
+                provenance += f" (mean rests on LayerNorm {moments.assumed[key]}'s beta" + \
+                    ("" if mean_trusted else ": no mean correction, layernorm_mean_correction=False") + ")"
+    else:
+        provenance = f"method={cfg.method!r}"
     if incoming is not None:
         c, fpc = incoming
         ref = cmath.fold_input_scale(ref, c.to(dtype), groups, fpc)
@@ -493,6 +592,7 @@ def _layer_inputs(
         bn=_batchnorm_state(modules[bn_name], dtype) if bn_name else None, bn_name=bn_name,
         partner=pair.second if pair is not None else None,
         features_per_channel=pair.features_per_channel if pair is not None else 1,
+        mean_trusted=mean_trusted, provenance=provenance,
     )
 
 
@@ -502,7 +602,7 @@ def _plan_under_budget(
     first_node: dict[str, Node],
     plan: BitPlan,
     layers: list[str],
-    moments: dict[str, Optional[ChannelMoments]],
+    moments: MomentEstimate,
     cfg: DFMPCConfig,
     weight_count: int,
     float_bytes: int,
@@ -513,7 +613,18 @@ def _plan_under_budget(
     quantizable = [inp for inp in inputs if inp.bits is not None]
     fixed_weight_bits = 32.0 * (weight_count - sum(inp.weight.numel() for inp in quantizable))
     fixed_other_bits = 8.0 * float_bytes - 32.0 * weight_count
-    choices = choose_widths(quantizable, cfg, fixed_weight_bits, weight_count, fixed_other_bits, gains, notes)
+    pool = _PARTS_BUDGET.get()
+    if pool is None:
+        choices = choose_widths(quantizable, cfg, fixed_weight_bits, weight_count, fixed_other_bits, gains, notes)
+    elif pool.choices is None:  # a part, first pass: its costs join the model's one knapsack
+        names = [pool.qualified(inp.name) for inp in quantizable]
+        costs, raw = layer_costs(quantizable, cfg, gains, names)
+        pool.costs += costs
+        pool.raw.update(raw)
+        pool.gains.update((q, gains.get(inp.name, 1.0)) for q, inp in zip(names, quantizable))
+        choices = {}
+    else:
+        choices = {inp.name: pool.choices[pool.qualified(inp.name)] for inp in quantizable}
     plans = []
     for inp in inputs:
         choice = choices.get(inp.name)
@@ -568,7 +679,7 @@ def _plan_layers(
     gm: GraphModule,
     plan: BitPlan,
     layers: list[str],
-    moments: dict[str, Optional[ChannelMoments]],
+    moments: MomentEstimate,
     cfg: DFMPCConfig,
     report_warnings: list[str],
     weight_count: int,
@@ -585,7 +696,7 @@ def _plan_layers(
             call_counts[str(node.target)] = call_counts.get(str(node.target), 0) + 1
             first_node.setdefault(str(node.target), node)
     if cfg.has_budget:
-        gains = output_noise_gains(gm, moments)
+        gains = output_noise_gains(gm, moments.moments)
         return _plan_under_budget(modules, call_counts, first_node, plan, layers, moments, cfg, weight_count, float_bytes, gains,
                                   report_warnings)
     incoming: dict[str, tuple[torch.Tensor, int]] = {}

@@ -54,6 +54,8 @@ class LayerInputs:
     partner: Optional[str]  # second layer of the active pair this layer starts
     features_per_channel: int = 1
     group_size: Optional[int] = None  # scale granularity chosen for this layer (None: config's)
+    mean_trusted: bool = True  # False: in_moments' mean rests on an assumption not used for mean correction
+    provenance: Optional[str] = None  # where in_moments came from, or why there are none (for the report)
 
 
 @dataclass
@@ -125,7 +127,8 @@ def plan_layer(inp: LayerInputs, cfg: DFMPCConfig) -> LayerPlan:
     """
     ref, bias, bn = inp.weight, inp.bias, inp.bn
     dtype = ref.dtype
-    rep = LayerReport(name=inp.name, kind=inp.kind, role=inp.role, bits=inp.bits, numel=ref.numel())
+    rep = LayerReport(name=inp.name, kind=inp.kind, role=inp.role, bits=inp.bits, numel=ref.numel(),
+                      input_moments=inp.provenance)
     if inp.bits is None:
         return LayerPlan(inp.name, inp.role, ref, bias, None, None, None, rep)
 
@@ -142,7 +145,7 @@ def plan_layer(inp: LayerInputs, cfg: DFMPCConfig) -> LayerPlan:
     if cfg.compensate and cfg.method == "dfmpc" and in_m is not None:
         red = cmath.paired_reductions(q, ref, in_m.var, in_m.mean, inp.groups)
     rep.weight_rel_error = relative_error(q, ref, red)
-    if red is not None and cfg.mean_correction:
+    if red is not None and cfg.mean_correction and inp.mean_trusted:
         delta = red.q_out_mean - red.ref_out_mean
         rep.mean_shift = float(delta.abs().mean())
         if bn is not None:

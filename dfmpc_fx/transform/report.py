@@ -32,6 +32,7 @@ class LayerReport:
     estimated_damage: Optional[float] = None  # size budget: predicted output noise-to-signal of the choice
     estimates: Optional[dict[str, float]] = None  # size budget: every option's prediction (label -> ratio)
     noise_gain: Optional[float] = None  # size budget: share of this layer's output noise reaching the model output
+    input_moments: Optional[str] = None  # where the data-free input moments came from, or why there are none
     reason: Optional[str] = None  # why kept in float (bits None); or how a layer the graph does not see was handled
 
 

