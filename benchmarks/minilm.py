@@ -39,6 +39,7 @@ ROWS: list[tuple[str, dict[str, Any]]] = [
     ("uniform W4 corrected, LayerNorm means", {"default_bits": 4, "first_last_bits": None, "layernorm_mean_correction": True}),
     ("uniform W3 plain", {"default_bits": 3, "first_last_bits": None, "compensate": False}),
     ("target_bits 4.0", {"target_bits": 4.0}),
+    ("target_bits 4.063 (uniform W4's size)", {"target_bits": 4.063}),
     ("target_bits 4.0, group sizes 32/64/128", {"target_bits": 4.0, "group_sizes": (32, 64, 128)}),
     ("target_bits 4.0, part by part", {"target_bits": 4.0, "untraceable": "parts"}),
     ("target_bits 3.0", {"target_bits": 3.0}),
