@@ -70,18 +70,11 @@ def rows(peers: bool = False) -> list[dict[str, Any]]:
     return out
 
 
-def _peers_module():
-    spec = importlib.util.spec_from_file_location("benchmarks_peers", REPO / "benchmarks" / "peers.py")
+def _benchmark_module(name: str):
+    """``benchmarks/<name>.py`` as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", REPO / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["benchmarks_peers"] = mod
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return mod
-
-
-def _accuracy_module():
-    spec = importlib.util.spec_from_file_location("benchmarks_accuracy", REPO / "benchmarks" / "accuracy.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["benchmarks_accuracy"] = mod
+    sys.modules[f"benchmarks_{name}"] = mod
     spec.loader.exec_module(mod)  # type: ignore[union-attr]
     return mod
 
@@ -129,7 +122,7 @@ def run_model(name: str, subset: Optional[int], threads: int, peers: bool = Fals
 
     torch.set_num_threads(threads)
     warnings.simplefilter("ignore")
-    acc = _accuracy_module()
+    acc = _benchmark_module("accuracy")
     images, labels = load_fashion_mnist("test")
     if subset:
         images, labels = images[:subset], labels[:subset]
@@ -162,7 +155,7 @@ def run_model(name: str, subset: Optional[int], threads: int, peers: bool = Fals
                 if row["kind"] == "bn_ref":
                     acc.reestimate_batchnorm(final, calibration_subset(2000, seed=0))
             elif row["kind"] == "peer":
-                got = _peers_module().run_peer(row["peer"], model, dfmpc_fx.DFMPCConfig(**res["config"]))
+                got = _benchmark_module("peers").run_peer(row["peer"], model, dfmpc_fx.DFMPCConfig(**res["config"]))
                 if got.get("skipped"):
                     res["skipped"] = got["reason"]
                     out["rows"].append(res)

