@@ -91,8 +91,8 @@ def sample_rows(c_out: int, max_rows: int) -> torch.Tensor:
 
 class _RowReference:
     """The float rows of one layer with what every option's ratio reuses: ``sum_k W^2``, the
-    input-weighted ``u * W`` and the output variances; :meth:`ratio` is the mean over the rows
-    of ``sum_k u_k (Q - gamma W)_k^2 / Var(W x)`` (see the module docstring)."""
+    input-weighted ``u * W`` and the output variances; :meth:`ratios` gives, per option, the mean
+    over the rows of ``sum_k u_k (Q - gamma W)_k^2 / Var(W x)`` (see the module docstring)."""
 
     def __init__(self, weight_rows: torch.Tensor, in_var_per_weight: Optional[torch.Tensor], ref_var: Optional[torch.Tensor]):
         self.w = weight_rows.to(torch.float64)
@@ -102,8 +102,8 @@ class _RowReference:
         self.signal = (self.wu * self.w).sum(dim=1) if ref_var is None else ref_var.to(torch.float64)
 
     def ratios(self, quantized: torch.Tensor) -> list[float]:
-        """:meth:`ratio` of each option at once: ``quantized`` is ``(options, rows, K)``; one
-        batched pass instead of one small pass per option (the rows are short: calls cost)."""
+        """The ratio of each option at once: ``quantized`` is ``(options, rows, K)``; one batched
+        pass instead of one small pass per option (the rows are short: calls cost)."""
         q = quantized.to(torch.float64)
         w, wu = self.w.unsqueeze(0), self.wu.unsqueeze(0)
         gamma = (q * w).sum(dim=2) / self.ww.clamp_min(1e-300)
@@ -114,18 +114,6 @@ class _RowReference:
         if not bool(ok.any()):
             return [0.0] * q.shape[0]
         return [float(v) for v in (noise[:, ok] / self.signal[ok]).mean(dim=1)]
-
-    def ratio(self, quantized_rows: torch.Tensor) -> float:
-        q = quantized_rows.to(torch.float64)
-        gamma = (q * self.w).sum(dim=1) / self.ww.clamp_min(1e-300)
-        qu = q if self.u is None else q * self.u
-        # sum_k u (q - gamma w)^2, expanded: the rows are short, the passes are what cost
-        noise = ((qu * q).sum(dim=1) - 2.0 * gamma * (q * self.wu).sum(dim=1)
-                 + gamma * gamma * (self.wu * self.w).sum(dim=1)).clamp_min(0.0)
-        ok = self.signal > 0
-        if not bool(ok.any()):
-            return 0.0
-        return float((noise[ok] / self.signal[ok]).mean())
 
 
 def _pick(costs: Sequence[LayerCost], price: float) -> list[int]:
