@@ -84,6 +84,15 @@ class DFMPCConfig:
             or ``"auto"`` (default): float16 under a size budget, where every byte is spent on
             accuracy, float32 otherwise (the explicit MP layouts and ``method="paper"`` stay
             bit-identical to earlier releases).
+        input_scales: per-input-channel factors ``t`` of each weight (the layer stores
+            ``Q(W / t) * t``: one value per input channel, at ``scale_dtype``'s width, charged to
+            the budget), chosen from the data-free input variances so that rounding spends its
+            resolution on the inputs that vary most (AWQ's idea without calibration data;
+            :mod:`dfmpc_fx.numerics.input_scales`). ``"auto"`` (default): on under a size
+            budget, off for the explicit layouts and ``method="paper"`` (bit-identical to
+            earlier releases); ``True``/``False`` force it (``method="dfmpc"`` only). Only
+            layers with known input moments and ``groups=1`` get factors, and only where the
+            estimate says they pay (the report's ``input_scale_exponent``).
     """
 
     low_bits: int = _Unset(2)
@@ -109,6 +118,7 @@ class DFMPCConfig:
     group_sizes: tuple[int, ...] = ()
     fixed_bits: dict[str, int] = field(default_factory=dict, hash=False)
     scale_dtype: str = "auto"
+    input_scales: bool | str = "auto"
 
     def __post_init__(self) -> None:
         self._resolve_target()
@@ -152,6 +162,11 @@ class DFMPCConfig:
         object.__setattr__(self, "skip_layers", tuple(self.skip_layers))
         if self.scale_dtype not in SCALE_DTYPE_NAMES:
             raise ConfigError(f"unknown scale_dtype {self.scale_dtype!r}: use one of {', '.join(SCALE_DTYPE_NAMES)}")
+        if not (isinstance(self.input_scales, bool) or self.input_scales == "auto"):
+            raise ConfigError(f"input_scales={self.input_scales!r} must be 'auto', True or False")
+        if self.input_scales is True and self.method != "dfmpc":
+            raise ConfigError("input_scales=True needs method='dfmpc' (the paper's quantizers have no input factors): "
+                              "drop input_scales or method")
         self._check_budget()
 
     def _resolve_target(self) -> None:
@@ -184,6 +199,13 @@ class DFMPCConfig:
         if self.scale_dtype == "auto":
             return 16 if self.has_budget else 32
         return 16 if self.scale_dtype == "float16" else 32
+
+    @property
+    def uses_input_scales(self) -> bool:
+        """Whether layers may get per-input-channel factors (``input_scales``)."""
+        if self.input_scales == "auto":
+            return self.has_budget and self.method == "dfmpc"
+        return bool(self.input_scales)
 
     @property
     def has_budget(self) -> bool:

@@ -21,7 +21,8 @@ lowest ``o``. So four 2-bit codes share a byte, two 4-bit codes share a byte, an
 are stored densely (a 2-bit plane and a 1-bit plane: 3/8 byte per weight, no nibble padding).
 The only padding is at the end of each plane (less than one byte per plane).
 
-Dequantization is ``w = (u - weight_zero_point) * weight_scale`` broadcast over dim 0, where
+Dequantization is ``w = (u - weight_zero_point) * weight_scale`` broadcast over dim 0 (times
+``weight_input_scale`` along dim 1 where the layer has per-input-channel factors), where
 ``weight_zero_point`` is relative to the *unsigned* code (symmetric codes ``c`` are stored as
 ``u = c + 2**(b-1) - 1``); a grouped layer (``group_size > 0``) stores scales of shape
 ``(C, G)`` and gathers column ``j // group_size`` of them for weight column ``j``. Unpacking uses only ``bitwise_and`` on ``uint8``, a cast to float and
@@ -84,7 +85,7 @@ class _PackedBase(nn.Module):
 
     def _init_packed(self, weight_shape: List[int], bits: int, role: str, scheme: str, packed: Tensor,
                      scale: Tensor, zero_point: Tensor, bias: Optional[Tensor], requires_grad: bool,
-                     compute_dtype: Optional[torch.dtype] = None) -> None:
+                     compute_dtype: Optional[torch.dtype] = None, input_scale: Optional[Tensor] = None) -> None:
         self.w_bits = int(bits)
         self.role = str(role)
         self.scheme = str(scheme)
@@ -97,6 +98,8 @@ class _PackedBase(nn.Module):
         self.register_buffer("packed", packed.detach().clone())
         self.register_buffer("weight_scale", scale.detach().clone())
         self.register_buffer("weight_zero_point", zero_point.detach().clone())
+        if input_scale is not None:  # per-input-channel factors along dim 1 (DFMPCConfig.input_scales)
+            self.register_buffer("weight_input_scale", input_scale.detach().clone())
         # per-field bit masks and power-of-two factors (a few bytes; derived from w_bits, so not in
         # the state dict, but saved with TorchScript and torch.export artifacts)
         self.register_buffer("plane_mask", torch.tensor(masks, dtype=torch.uint8, device=packed.device), persistent=False)
@@ -137,7 +140,13 @@ class _PackedBase(nn.Module):
             w = (w - zp) * self.weight_scale.to(w.dtype).index_select(1, idx)
         else:
             w = (w - self.weight_zero_point.to(w.dtype).unsqueeze(1)) * self.weight_scale.to(w.dtype).unsqueeze(1)
-        return w.reshape(self.weight_shape)
+        w = w.reshape(self.weight_shape)
+        if hasattr(self, "weight_input_scale"):  # resolved when scripting: layers without factors skip it
+            shape = [1, -1]
+            for _ in range(len(self.weight_shape) - 2):
+                shape.append(1)
+            w = w * self.weight_input_scale.to(w.dtype).reshape(shape)
+        return w
 
     @property
     def weight(self) -> Tensor:  # read-only convenience for Python code (not scripted)
@@ -320,6 +329,14 @@ def pack_module(layer: nn.Module, name: str = "layer") -> nn.Module:
     scale = layer.weight_scale.detach().to(weight.dtype).reshape(-1)
     zero_point = layer.weight_zero_point.detach().to(weight.dtype).reshape(-1)
     c_out = weight.shape[0]
+    factors = getattr(layer, "weight_input_scale", None)
+    exact_weight = weight
+    if isinstance(factors, torch.Tensor):
+        if factors.numel() != weight.shape[1]:
+            raise PackError(f"{name}: weight_input_scale must have {weight.shape[1]} entries (one per input channel)")
+        weight = weight / factors.detach().to(weight.dtype).reshape((1, -1) + (1,) * (weight.dim() - 2))
+    else:
+        factors = None
     group_size = getattr(layer, "group_size", None)
     if group_size is not None:
         k = weight[0].numel()
@@ -356,10 +373,11 @@ def pack_module(layer: nn.Module, name: str = "layer") -> nn.Module:
         zp_stored = zp_stored.reshape(scale.shape)
     stored_scale = scale.to(layer.weight_scale.dtype)  # exact: scale came from that dtype
     new._init_packed(list(weight.shape), bits, getattr(layer, "role", "default"), scheme, packed, stored_scale,
-                     zp_stored, layer.bias, layer.weight.requires_grad, compute_dtype=weight.dtype)
+                     zp_stored, layer.bias, layer.weight.requires_grad, compute_dtype=weight.dtype, input_scale=factors)
     new.zero_point_numel = int(zero_point.numel())
     new.group_size = 0 if group_size is None else int(group_size)
     new.train(layer.training)
+    weight = exact_weight
     rebuilt = new.dequantize_weight()
     if not torch.equal(rebuilt, weight):
         dev = float((rebuilt - weight).abs().max())
@@ -387,8 +405,9 @@ def unpack_module(layer: nn.Module) -> nn.Module:
     group_size = int(getattr(layer, "group_size", 0)) or None
     if group_size is not None:
         zp = zp.reshape(scale.shape)
+    factors = getattr(layer, "weight_input_scale", None)
     qw = QuantizedWeight(codes=torch.empty(0), scale=scale, zero_point=zp, bits=layer.w_bits, scheme=layer.scheme,
-                         group_size=group_size)
+                         group_size=group_size, input_scale=factors.detach() if isinstance(factors, Tensor) else None)
     has_bias = layer.bias is not None
     grad = layer.weight_requires_grad
     if cls is None:  # a subclass with its own forward: back to the user's class
@@ -398,7 +417,8 @@ def unpack_module(layer: nn.Module) -> nn.Module:
         for key in _PACKED_ONLY:
             state.pop(key, None)
         state["_buffers"] = {k: b for k, b in layer._buffers.items()
-                             if k not in ("packed", "plane_mask", "plane_factor", "weight_scale", "weight_zero_point")}
+                             if k not in ("packed", "plane_mask", "plane_factor", "weight_scale", "weight_zero_point",
+                                          "weight_input_scale")}
         state["_non_persistent_buffers_set"] = set(layer._non_persistent_buffers_set) - {"plane_mask", "plane_factor"}
         state["_parameters"] = dict(layer._parameters)
         new.__dict__.update(state)

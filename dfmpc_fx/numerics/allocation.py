@@ -169,6 +169,23 @@ def allocate(costs: Sequence[LayerCost], budget_bits: float) -> list[int]:
         left -= extra
 
 
+def price_of_bit(costs: Sequence[LayerCost], choice: Sequence[int]) -> float:
+    """The damage one more bit would still remove at ``choice``: the best rate (damage removed
+    per extra bit) among the upgrades not taken. Something else bought with bits is worth it
+    when it removes at least this much per bit."""
+    best = 0.0
+    for c, cur in zip(costs, choice):
+        for oi in range(len(c.options)):
+            extra = c.size_bits[oi] - c.size_bits[cur]
+            saved = c.damage[cur] - c.damage[oi]
+            if extra > 0 and saved > 0:
+                best = max(best, saved / extra)
+    return best
+
+
+__all__ += ["price_of_bit"]
+
+
 def estimate_layer(
     name: str,
     weight: torch.Tensor,

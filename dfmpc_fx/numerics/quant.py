@@ -37,7 +37,9 @@ class QuantizedWeight:
     ``scale`` and ``zero_point`` have shape ``(C,)`` for per-channel quantizers (C = output
     channels, dim 0 of the weight), ``(1,)`` for per-tensor ones, or ``(C, G)`` when grouped
     (``group_size`` consecutive weights of the flattened ``(C, K)`` row share one; G =
-    ceil(K / group_size)).
+    ceil(K / group_size)). ``input_scale`` (``(C_in,)``, or None): per-input-channel factors
+    the dequantized codes are multiplied by along dim 1
+    (:mod:`dfmpc_fx.numerics.input_scales`).
     """
 
     codes: torch.Tensor  # integer-valued, in the weight's float dtype (no conversion passes)
@@ -46,8 +48,15 @@ class QuantizedWeight:
     bits: int
     scheme: str  # "symmetric", "asymmetric", "ternary", "dorefa"
     group_size: Optional[int] = None  # input weights per scale; None: one scale per channel
+    input_scale: Optional[torch.Tensor] = None  # (C_in,) factors along dim 1; None: none
 
     def dequantize(self) -> torch.Tensor:
+        w = self._dequantize_codes()
+        if self.input_scale is None:
+            return w
+        return w * self.input_scale.to(w.dtype).reshape((1, -1) + (1,) * (w.dim() - 2))
+
+    def _dequantize_codes(self) -> torch.Tensor:
         # scales and zero points may be stored narrower (float16): compute in the codes' dtype
         scale_t = self.scale.to(self.codes.dtype)
         zp_t = self.zero_point.to(self.codes.dtype)
@@ -69,10 +78,10 @@ class QuantizedWeight:
         bytes). The codes need no re-rounding: float16 moves a scale by at most 2^-11 of itself,
         which shifts a code of at most 255 by under 0.13 of a step; integer zero points below 2048
         are exact. ``dequantize`` then uses the rounded scales, so corrections see the stored grid."""
-        if self.scale.dtype == dtype:
+        if self.scale.dtype == dtype and (self.input_scale is None or self.input_scale.dtype == dtype):
             return self
         return QuantizedWeight(self.codes, self.scale.to(dtype), self.zero_point.to(dtype), self.bits, self.scheme,
-                               self.group_size)
+                               self.group_size, None if self.input_scale is None else self.input_scale.to(dtype))
 
     @property
     def qmin(self) -> int:

@@ -43,5 +43,7 @@ def apply_plans(gm: GraphModule, plans: Iterable[LayerPlan]) -> None:
         # scales keep a narrower storage dtype (float16 under scale_dtype="float16"); otherwise the weight's
         store = torch.float16 if qw.scale.dtype == torch.float16 else w_dtype
         qw.scale, qw.zero_point = qw.scale.to(store), qw.zero_point.to(store)
+        if qw.input_scale is not None:
+            qw.input_scale = qw.input_scale.to(store)
         bias = None if plan.bias is None else plan.bias.to(w_dtype)
         gm.set_submodule(plan.name, to_quant_module(layer, plan.weight.to(w_dtype), bias, qw, plan.role))

@@ -11,7 +11,8 @@ import torch
 
 from ..config import DFMPCConfig
 from ..errors import ConfigError
-from ..numerics.allocation import Candidate, InfeasibleBudget, LayerCost, allocate, estimate_layer
+from ..numerics.allocation import Candidate, InfeasibleBudget, LayerCost, allocate, estimate_layer, price_of_bit
+from .input_scaling import assign_input_scales
 from .plan import LayerInputs, quantize_for
 
 __all__ = ["BudgetChoice", "choose_widths", "candidates_for", "DefaultBudgetWarning", "layer_costs", "solve_widths"]
@@ -88,6 +89,13 @@ def layer_costs(
     return costs, raw
 
 
+def _budget_bits(cfg: DFMPCConfig, fixed_weight_bits: float, all_weights: int, fixed_other_bits: float) -> float:
+    """Bits the budget leaves for the layers the allocator covers."""
+    if cfg.target_bits is not None:
+        return cfg.target_bits * all_weights - fixed_weight_bits
+    return 8.0 * cfg.target_bytes - fixed_other_bits - fixed_weight_bits
+
+
 def solve_widths(
     costs: list[LayerCost], raw: dict[str, list[float]], gains: dict[str, float], cfg: DFMPCConfig,
     fixed_weight_bits: float, all_weights: int, fixed_other_bits: float, notes: Optional[list[str]] = None,
@@ -95,10 +103,7 @@ def solve_widths(
     """One knapsack over ``costs`` (every layer the budget covers: of one traced model, or of all
     the parts of a model compressed part by part) for the configured budget, keyed by cost
     name; ``gains`` (by cost name) are only reported. Arguments as :func:`choose_widths`."""
-    if cfg.target_bits is not None:
-        budget = cfg.target_bits * all_weights - fixed_weight_bits
-    else:
-        budget = 8.0 * cfg.target_bytes - fixed_other_bits - fixed_weight_bits
+    budget = _budget_bits(cfg, fixed_weight_bits, all_weights, fixed_other_bits)
     try:
         choice = allocate(costs, budget)
     except InfeasibleBudget as exc:
@@ -146,4 +151,35 @@ def choose_widths(
     (:func:`dfmpc_fx.graph.sensitivity.output_noise_gains`), which weighs its damage.
     """
     costs, raw = layer_costs(inputs, cfg, gains)
-    return solve_widths(costs, raw, gains, cfg, fixed_weight_bits, all_weights, fixed_other_bits, notes)
+    choices = solve_widths(costs, raw, gains, cfg, fixed_weight_bits, all_weights, fixed_other_bits, notes)
+    if not cfg.uses_input_scales:
+        return choices
+    # Input factors: at the widths just chosen, a layer keeps its factors where the damage they
+    # remove beats what their bytes would buy as more bits (price_of_bit); the knapsack is then
+    # solved again with those bytes charged (the estimate itself stays without factors: see
+    # dfmpc_fx.transform.input_scaling). The other layers get none.
+    price = price_of_bit(costs, [c.options.index(choices[c.name].option) for c in costs])
+    extra: dict[str, int] = {}
+    for inp in inputs:
+        choice = choices[inp.name]
+        bits, group_size = inp.bits, inp.group_size
+        inp.bits, inp.group_size, inp.input_scale_reserved = choice.option.bits, choice.option.group_size, True
+        assign_input_scales([inp], cfg)
+        cost_bits = 0 if inp.input_scale is None else inp.input_scale.numel() * cfg.scale_bits
+        # damage in the knapsack's units: the estimate's rows are a sample of the layer's
+        pays = inp.input_scale is not None and inp.input_scale_saved * gains.get(inp.name, 1.0) > price * cost_bits
+        inp.bits, inp.group_size, inp.input_scale_reserved = bits, group_size, pays
+        if pays:
+            extra[inp.name] = cost_bits
+        inp.input_scale, inp.input_scale_exponent, inp.input_scale_saved = None, None, 0.0
+    if not extra:
+        return choices
+    charged = [LayerCost(c.name, c.numel, c.options,
+                         [s + extra.get(c.name, 0) if o.bits is not None else s for s, o in zip(c.size_bits, c.options)],
+                         c.damage) for c in costs]
+    floor = sum(min(c.size_bits) for c in charged)
+    if floor > _budget_bits(cfg, fixed_weight_bits, all_weights, fixed_other_bits):
+        for inp in inputs:  # the factors do not fit next to the smallest widths: none
+            inp.input_scale_reserved = False
+        return choices
+    return solve_widths(charged, raw, gains, cfg, fixed_weight_bits, all_weights, fixed_other_bits, notes)

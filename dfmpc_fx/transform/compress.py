@@ -28,6 +28,7 @@ from ..config import LAYOUT_FIELDS, DFMPCConfig
 from ..errors import CompressedModelError, ConfigError, InvalidModelError, TraceError
 from .apply import apply_plans
 from .budget import BudgetChoice, DefaultBudgetWarning, choose_widths, layer_costs, solve_widths
+from .input_scaling import assign_input_scales
 from .modules import is_quant_module, quantized_layer_bits, quantized_layer_bytes, to_quant_module
 from .plan import BatchNormState, LayerInputs, LayerPlan, plan_layer, quantize_for
 from ..graph.moments import MomentEstimate, estimate_moments
@@ -630,6 +631,7 @@ def _plan_under_budget(
         choice = choices.get(inp.name)
         if choice is not None:
             inp.bits, inp.group_size = choice.option.bits, choice.option.group_size
+            assign_input_scales([inp], cfg)  # at the chosen width, within the bits reserved for them
         layer_plan = plan_layer(inp, cfg)
         if choice is not None:
             rep = layer_plan.report
@@ -703,6 +705,7 @@ def _plan_layers(
     plans: list[LayerPlan] = []
     for name in layers:
         inputs = _layer_inputs(name, modules, call_counts, first_node[name], plan, moments, incoming.pop(name, None), cfg)
+        assign_input_scales([inputs], cfg)
         layer_plan = plan_layer(inputs, cfg)
         rep = layer_plan.report
         if rep.degenerate_channels:

@@ -29,6 +29,8 @@ class _QuantMixin:
         self.group_size = None if qw.group_size is None else int(qw.group_size)
         self.register_buffer("weight_scale", qw.scale.detach().clone())  # type: ignore[attr-defined]
         self.register_buffer("weight_zero_point", qw.zero_point.detach().clone())  # type: ignore[attr-defined]
+        if qw.input_scale is not None:  # per-input-channel factors (DFMPCConfig.input_scales)
+            self.register_buffer("weight_input_scale", qw.input_scale.detach().clone())  # type: ignore[attr-defined]
 
     def quant_repr(self) -> str:
         s = f"w_bits={self.w_bits}, role={self.role}, scheme={self.scheme}"
@@ -115,21 +117,25 @@ def to_quant_module(
 
 
 def _layer_counts(module: nn.Module) -> tuple[int, int, int]:
-    """(bits, weights, bits of the stored scales plus varying zero points) of a Quant* or
-    Packed* module; scales count at their stored width (float32, or float16)."""
+    """(bits, weights, bits of the stored scales plus varying zero points and input factors) of
+    a Quant* or Packed* module; scales count at their stored width (float32, or float16)."""
     numel = int(module.numel) if hasattr(module, "numel") and isinstance(module.numel, int) else module.weight.numel()
     scale = module.weight_scale
     params = scale.numel() * scale.element_size() * 8
     if str(module.scheme) in ("asymmetric", "dorefa"):
         zp = module.weight_zero_point
         params += zp.numel() * zp.element_size() * 8
+    factors = getattr(module, "weight_input_scale", None)
+    if isinstance(factors, torch.Tensor):
+        params += factors.numel() * factors.element_size() * 8
     return int(module.w_bits), numel, params
 
 
 def quantized_layer_bytes(module: nn.Module) -> int:
     """Theoretical bytes of one quantized layer's weight: ``ceil(bits * numel / 8)`` plus the
     stored scales (4 bytes each in float32, 2 in float16) and, for schemes with a varying zero
-    point (asymmetric, dorefa), the zero points at the same width. Counts the buffers the module
+    point (asymmetric, dorefa), the zero points at the same width, and the per-input-channel
+    factors where the layer has them (``weight_input_scale``). Counts the buffers the module
     holds (shape (C,), (1,) or (C, G)), so grouped and per-channel layers are sized alike; bias
     is not included. Accepts Quant* and Packed* modules (a packed layer's ``packed`` buffer is
     this codes term, up to per-plane padding)."""

@@ -8,6 +8,7 @@ which pair it belongs to and what its input moments are; this module computes; o
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -18,6 +19,7 @@ from ..config import DFMPCConfig
 from ..numerics import compensation as cmath
 from ..numerics.compensation import ChannelMoments
 from ..graph.bits import HIGH, LOW
+from ..numerics.input_scales import column_view
 from ..numerics.quant import QuantizedWeight, quantize_dorefa, quantize_weight
 from .report import LayerReport
 
@@ -56,6 +58,10 @@ class LayerInputs:
     group_size: Optional[int] = None  # scale granularity chosen for this layer (None: config's)
     mean_trusted: bool = True  # False: in_moments' mean rests on an assumption not used for mean correction
     provenance: Optional[str] = None  # where in_moments came from, or why there are none (for the report)
+    input_scale: Optional[torch.Tensor] = None  # per-input-channel factors (numerics/input_scales.py), or None
+    input_scale_exponent: Optional[float] = None  # the exponent they were chosen with (None: not considered)
+    input_scale_reserved: bool = False  # size budget: the factors' bytes are charged (input_scaling.py)
+    input_scale_saved: float = 0.0  # predicted noise-to-signal ratio the factors remove
 
 
 @dataclass
@@ -88,6 +94,7 @@ PAIR_ROLES: frozenset[str] = frozenset({LOW, HIGH})
 
 def quantize_for(
     ref: torch.Tensor, bits: int, cfg: DFMPCConfig, group_size: Optional[int] = None, role: Optional[str] = None,
+    input_scale: Optional[torch.Tensor] = None,
 ) -> QuantizedWeight:
     """The quantizer the configuration names for a layer of role ``role`` (the paper's
     TWN/DoReFa per layer, or ours).
@@ -103,7 +110,13 @@ def quantize_for(
     would measure that distortion instead of the method. Inside pairs the tanh form stays: the
     paper baseline is defined by it (the tanh gain on the high-bit layers offsets TWN's
     shrinkage of the low-bit ones).
+
+    ``input_scale``: per-input-channel factors ``t`` (already in their storage dtype): ``W / t``
+    is quantized and the result dequantizes to ``Q(W / t) * t``.
     """
+    if input_scale is not None:
+        qw = quantize_for(ref / column_view(input_scale.to(ref.dtype), ref.dim()), bits, cfg, group_size, role)
+        return dataclasses.replace(qw, input_scale=input_scale)
     if cfg.method == "paper":
         if bits == 2:
             qw = quantize_weight(ref, bits, scheme="ternary", per_channel=False)
@@ -132,9 +145,10 @@ def plan_layer(inp: LayerInputs, cfg: DFMPCConfig) -> LayerPlan:
     if inp.bits is None:
         return LayerPlan(inp.name, inp.role, ref, bias, None, None, None, rep)
 
-    qw = quantize_for(ref, inp.bits, cfg, inp.group_size, inp.role)
+    qw = quantize_for(ref, inp.bits, cfg, inp.group_size, inp.role, inp.input_scale)
     q = qw.dequantize()
     rep.scheme = qw.scheme
+    rep.input_scale_exponent = inp.input_scale_exponent
     mu = bn.mean if bn is not None else None
     mu_hat = mu  # BatchNorm mean after mean correction, as stored (in the statistics' dtype)
     new_bias = bias
