@@ -38,11 +38,15 @@ ROWS: list[tuple[str, dict[str, Any]]] = [
     ("uniform W4 corrected", {"default_bits": 4, "first_last_bits": None}),
     ("uniform W4 corrected, LayerNorm means", {"default_bits": 4, "first_last_bits": None, "layernorm_mean_correction": True}),
     ("uniform W3 plain", {"default_bits": 3, "first_last_bits": None, "compensate": False}),
+    ("uniform W4, input factors", {"default_bits": 4, "first_last_bits": None, "input_scales": True}),
     ("target_bits 4.0", {"target_bits": 4.0}),
+    ("target_bits 4.0, no input factors", {"target_bits": 4.0, "input_scales": False}),
     ("target_bits 4.063 (uniform W4's size)", {"target_bits": 4.063}),
+    ("target_bits 4.063, no input factors", {"target_bits": 4.063, "input_scales": False}),
     ("target_bits 4.0, group sizes 32/64/128", {"target_bits": 4.0, "group_sizes": (32, 64, 128)}),
     ("target_bits 4.0, part by part", {"target_bits": 4.0, "untraceable": "parts"}),
     ("target_bits 3.0", {"target_bits": 3.0}),
+    ("target_bits 3.0, no input factors", {"target_bits": 3.0, "input_scales": False}),
     ("target_bits 3.0, group sizes 32/64/128", {"target_bits": 3.0, "group_sizes": (32, 64, 128)}),
 ]
 
@@ -115,8 +119,13 @@ def main(argv: list[str] | None = None) -> int:
             per_layer[name] = {"one_minus_cosine": 1 - cos, "estimated_nsr": r.estimates.get("W3"), "gain": r.noise_gain}
             print(f"{name:42s} {1 - cos:10.5f} {r.estimates.get('W3'):9.4f} {r.noise_gain:6.3f}", flush=True)
 
-    RESULTS.write_text(json.dumps({"sentences": len(sentences), "torch": torch.__version__, "rows": rows,
-                                   "per_layer": per_layer}, indent=1) + "\n")
+    out: dict[str, Any] = {"sentences": len(sentences), "torch": torch.__version__, "rows": rows, "per_layer": per_layer}
+    if not args.per_layer and RESULTS.is_file():  # keep the last --per-layer table
+        old = json.loads(RESULTS.read_text())
+        if old.get("per_layer"):
+            out["per_layer"] = old["per_layer"]
+            out["per_layer_note"] = old.get("per_layer_note", "from an earlier run with --per-layer")
+    RESULTS.write_text(json.dumps(out, indent=1) + "\n")
     print(f"\nwrote {RESULTS.relative_to(REPO)}")
     return 0
 
