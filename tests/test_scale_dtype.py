@@ -93,15 +93,16 @@ def test_budget_stores_float16_and_counts_16_bits(net):
 
 
 def test_float16_buys_bits_on_depthwise(net):
-    """Under the same budget, the halved scale cost goes into weight bits."""
-    q16 = dfmpc_fx.compress(net, target_bits=3.5)
-    q32 = dfmpc_fx.compress(net, target_bits=3.5, scale_dtype="float32")
+    """Under the same budget, the halved scale cost goes into weight bits (per-channel scales
+    kept in the layers: fold_scales=False, else the BatchNorms hold them at no cost)."""
+    q16 = dfmpc_fx.compress(net, target_bits=3.5, fold_scales=False)
+    q32 = dfmpc_fx.compress(net, target_bits=3.5, scale_dtype="float32", fold_scales=False)
     weight_bits = [sum(m.w_bits * m.weight.numel() for _, m in _quant_layers(q)) for q in (q16, q32)]
     assert weight_bits[0] > weight_bits[1]
     # the smallest reachable budget drops too (3.15 with float32 scales here, 2.575 with float16)
     with pytest.raises(dfmpc_fx.ConfigError, match="smallest"):
-        dfmpc_fx.compress(net, target_bits=2.8, scale_dtype="float32")
-    assert dfmpc_fx.get_report(dfmpc_fx.compress(net, target_bits=2.8)).bits_per_weight <= 2.8 + 1e-9
+        dfmpc_fx.compress(net, target_bits=2.8, scale_dtype="float32", fold_scales=False)
+    assert dfmpc_fx.get_report(dfmpc_fx.compress(net, target_bits=2.8, fold_scales=False)).bits_per_weight <= 2.8 + 1e-9
 
 
 def test_layouts_without_budget_keep_float32(net):

@@ -72,14 +72,18 @@ class InfeasibleBudget(ValueError):
         self.budget, self.smallest = budget, smallest
 
 
-def option_bits(option: Candidate, shape: Sequence[int], scheme: str, scale_bits: int = 32) -> float:
+def option_bits(option: Candidate, shape: Sequence[int], scheme: str, scale_bits: int = 32,
+                folded: bool = False) -> float:
     """Size of a layer of weight ``shape`` stored as ``option`` with quantizer ``scheme``,
     scales and zero points (``scale_bits`` wide) included
-    (:func:`dfmpc_fx.numerics.quant.scale_overhead_bits`)."""
+    (:func:`dfmpc_fx.numerics.quant.scale_overhead_bits`). ``folded``: the per-channel scales
+    live in the following BatchNorm (``DFMPCConfig.fold_scales``), so a per-channel option
+    stores one scale for the layer."""
     numel = math.prod(shape)
     if option.bits is None:
         return 32.0 * numel
-    return float(option.bits * numel + scale_overhead_bits(numel, shape[0], option.group_size, scheme, scale_bits))
+    rows = 1 if folded and option.group_size is None else shape[0]
+    return float(option.bits * numel + scale_overhead_bits(numel, rows, option.group_size, scheme, scale_bits))
 
 
 def sample_rows(c_out: int, max_rows: int) -> torch.Tensor:
@@ -196,10 +200,11 @@ def estimate_layer(
     scheme: str,
     max_rows: int = 16,
     scale_bits: int = 32,
+    folded: bool = False,
 ) -> LayerCost:
     """:class:`LayerCost` of one layer: each option's size and its noise-to-signal ratio on a
     sample of rows. ``quantize(rows, option)`` returns the dequantized rows (same shape);
-    ``in_var_per_weight`` is ``(C_out, K)``, ``(K,)`` or None."""
+    ``in_var_per_weight`` is ``(C_out, K)``, ``(K,)`` or None; ``folded`` as :func:`option_bits`."""
     rows = sample_rows(weight.shape[0], max_rows)
     w = weight[rows]
     flat = w.reshape(w.shape[0], -1)
@@ -208,7 +213,7 @@ def estimate_layer(
         u = in_var_per_weight[rows] if in_var_per_weight.dim() == 2 else in_var_per_weight
     rv = ref_var[rows] if ref_var is not None else None
     reference = _RowReference(flat, u, rv)
-    sizes = [option_bits(opt, weight.shape, scheme, scale_bits) for opt in options]
+    sizes = [option_bits(opt, weight.shape, scheme, scale_bits, folded) for opt in options]
     quantized = [i for i, opt in enumerate(options) if opt.bits is not None]
     damage = [0.0] * len(options)  # a float option leaves no rounding noise
     if quantized:

@@ -25,6 +25,8 @@ def _apply_batchnorm(bn: nn.Module, update: BatchNormUpdate) -> None:
         _write(bn.running_var, update.running_var)
     if update.bias is not None:
         _write(bn.bias, update.bias)
+    if update.weight is not None:
+        _write(bn.weight, update.weight)
 
 
 def apply_plans(gm: GraphModule, plans: Iterable[LayerPlan]) -> None:

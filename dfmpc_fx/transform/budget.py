@@ -81,6 +81,7 @@ def layer_costs(
         cost = estimate_layer(
             name, inp.weight, options, quantize, _input_variance_per_weight(inp),
             inp.bn.var if inp.bn is not None else None, cfg.scheme, scale_bits=cfg.scale_bits,
+            folded=inp.fold_scales,
         )
         raw[name] = list(cost.damage)
         g = gains.get(inp.name, 1.0)

@@ -594,6 +594,7 @@ def _layer_inputs(
         partner=pair.second if pair is not None else None,
         features_per_channel=pair.features_per_channel if pair is not None else 1,
         mean_trusted=mean_trusted, provenance=provenance,
+        fold_scales=cfg.folds_scales and bn_name is not None and modules[bn_name].weight is not None,
     )
 
 

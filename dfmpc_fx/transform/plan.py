@@ -62,6 +62,7 @@ class LayerInputs:
     input_scale_exponent: Optional[float] = None  # the exponent they were chosen with (None: not considered)
     input_scale_reserved: bool = False  # size budget: the factors' bytes are charged (input_scaling.py)
     input_scale_saved: float = 0.0  # predicted noise-to-signal ratio the factors remove
+    fold_scales: bool = False  # per-channel scales go into ``bn`` (DFMPCConfig.fold_scales; graph side checked it may)
 
 
 @dataclass
@@ -72,6 +73,7 @@ class BatchNormUpdate:
     running_mean: Optional[torch.Tensor] = None
     running_var: Optional[torch.Tensor] = None
     bias: Optional[torch.Tensor] = None
+    weight: Optional[torch.Tensor] = None  # gamma
 
 
 @dataclass
@@ -196,7 +198,32 @@ def plan_layer(inp: LayerInputs, cfg: DFMPCConfig) -> LayerPlan:
     elif ratio is not None and bn is not None:
         # No partner to absorb a scale: put the predicted variance into BatchNorm itself.
         update.running_var = ((bn.var + bn.eps) * ratio - bn.eps).clamp_min(0)
+    if inp.fold_scales and bn is not None and bn.weight is not None and qw.scheme == "symmetric" \
+            and qw.group_size is None and qw.scale.numel() == ref.shape[0] > 1:
+        qw, q, new_bias = _fold_scales_into_batchnorm(qw, new_bias, bn, update)
+        rep.scales_folded = True
     return LayerPlan(inp.name, inp.role, q, new_bias, qw, update, partner_scale, rep)
+
+
+def _fold_scales_into_batchnorm(
+    qw: QuantizedWeight, bias: Optional[torch.Tensor], bn: BatchNormState, update: BatchNormUpdate,
+) -> tuple[QuantizedWeight, torch.Tensor, Optional[torch.Tensor]]:
+    """One scale ``S`` for the codes; each channel's ratio ``r = s / S`` moves into the
+    BatchNorm that follows, which then gives the same output:
+    ``gamma' (y / r - mu / r) / sqrt(v / r^2 + eps) + beta`` equals
+    ``gamma (y - mu) / sqrt(v + eps) + beta`` for ``gamma' = gamma sqrt(v + eps r^2) / sqrt(v + eps)``
+    (``mu``, ``v``: the statistics after correction). The layer's own bias is divided by ``r``."""
+    dtype = bn.var.dtype
+    s = qw.scale.to(dtype)
+    shared = s.log().mean().exp().to(qw.scale.dtype).reshape(1)  # geometric mean, in the storage dtype
+    r = s / shared.to(dtype)
+    mean = update.running_mean.to(dtype) if update.running_mean is not None else bn.mean
+    var = update.running_var.to(dtype) if update.running_var is not None else bn.var
+    update.running_mean = (mean / r).to(bn.stats_dtype)
+    update.running_var = (var / r.square()).to(bn.stats_dtype)
+    update.weight = bn.weight * torch.sqrt(var + bn.eps * r.square()) / torch.sqrt(var + bn.eps)
+    folded = QuantizedWeight(qw.codes, shared, torch.zeros_like(shared), qw.bits, qw.scheme, None, qw.input_scale)
+    return folded, folded.dequantize(), None if bias is None else bias / r.view(-1)
 
 
 def relative_error(q: torch.Tensor, ref: torch.Tensor, red: Optional[cmath.PairedReductions]) -> float:
