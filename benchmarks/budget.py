@@ -38,7 +38,7 @@ RESULTS = REPO / "benchmarks" / "budget_results.json"
 PLOT = REPO / "benchmarks" / "budget_pareto.png"
 BENCHMARKS_MD = REPO / "BENCHMARKS.md"
 BEGIN, END = "<!-- budget:begin -->", "<!-- budget:end -->"
-BUDGETS = (2.0, 2.5, 3.0, 4.0)
+BUDGETS = (2.0, 2.01, 2.5, 3.0, 4.0)  # 2.01: the nearest to 2.0 that folded scales reach (floors 2.001-2.002)
 TIE = 0.1  # points: a tie within this counts as "at least as accurate"
 
 
