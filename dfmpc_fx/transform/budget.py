@@ -161,8 +161,14 @@ def choose_widths(
     # dfmpc_fx.transform.input_scaling). The other layers get none.
     price = price_of_bit(costs, [c.options.index(choices[c.name].option) for c in costs])
     extra: dict[str, int] = {}
+    by_name = {c.name: c for c in costs}
     for inp in inputs:
         choice = choices[inp.name]
+        cost = by_name[inp.name]
+        if cost.damage[cost.options.index(choice.option)] <= price * inp.weight.shape[1] * cfg.scale_bits:
+            # factors cannot remove more damage than the layer has left: not worth choosing them
+            inp.input_scale_reserved = False
+            continue
         bits, group_size = inp.bits, inp.group_size
         inp.bits, inp.group_size, inp.input_scale_reserved = choice.option.bits, choice.option.group_size, True
         assign_input_scales([inp], cfg)
