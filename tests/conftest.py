@@ -28,3 +28,40 @@ def minilm(monkeypatch):
     if len(sentences) < 300:
         pytest.skip("fewer than 300 sentences of text on this machine")
     return st_mod.SentenceTransformer(str(weights.get_model_path()), device="cpu"), sentences
+
+
+def _artifacts_reproduce(q, x, tmp_path, program: bool = True, onnx: bool = True):
+    """Assert that the packed form, unpacking, save/load (packed and not) and TorchScript give
+    ``q(x)`` bit for bit, torch.export within 1e-5 and ONNX (where installed) within 1e-4.
+    Returns the packed model."""
+    import dfmpc_fx
+    from dfmpc_fx.artifacts.packed import pack_model, unpack_model
+
+    packed = pack_model(q)
+    with torch.no_grad():
+        ref = q(x)
+        assert torch.equal(packed(x), ref)
+        assert torch.equal(unpack_model(packed)(x), ref)
+        path = dfmpc_fx.save(q, tmp_path / "m.pt")
+        for as_packed in (True, False):
+            assert torch.equal(dfmpc_fx.load(path, packed=as_packed)(x), ref)
+        ts = torch.jit.load(str(dfmpc_fx.export_torchscript(q, tmp_path / "m.ts", x, packed=True)))
+        assert torch.equal(ts(x), ref)
+        if program:
+            ep = dfmpc_fx.export_program(q, x, packed=True)
+            assert float((ep.module()(x) - ref).abs().max()) < 1e-5
+    if onnx:
+        ort = pytest.importorskip("onnxruntime")
+        pytest.importorskip("onnx")
+        sess = ort.InferenceSession(str(dfmpc_fx.export_onnx(q, tmp_path / "m.onnx", x, packed=True)),
+                                    providers=["CPUExecutionProvider"])
+        (got,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+        assert float((torch.from_numpy(got) - ref).abs().max()) < 1e-4
+    return packed
+
+
+@pytest.fixture
+def artifacts_reproduce():
+    """:func:`_artifacts_reproduce`: every stored and exported form of a compressed model
+    computes what it computes."""
+    return _artifacts_reproduce

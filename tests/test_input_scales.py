@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import dfmpc_fx
-from dfmpc_fx.artifacts.packed import pack_model, unpack_model
 from dfmpc_fx.numerics.input_scales import choose_input_factors, input_channel_factors
 from dfmpc_fx.numerics.quant import quantize_uniform
 from dfmpc_fx.transform.modules import is_quant_module, quantized_layer_bits
@@ -156,7 +155,7 @@ class ConvAndLinear(nn.Module):
         return self.fc(h.mean((2, 3)))
 
 
-def test_packed_save_and_exports_bit_exact_with_factors(tmp_path):
+def test_packed_save_and_exports_bit_exact_with_factors(tmp_path, artifacts_reproduce):
     torch.manual_seed(0)
     model = ConvAndLinear().eval()
     with torch.no_grad():  # skewed BatchNorm gammas, the next layer's weights small where they are large
@@ -170,30 +169,12 @@ def test_packed_save_and_exports_bit_exact_with_factors(tmp_path):
     names = {n for n, m in q.named_modules() if hasattr(m, "weight_input_scale")}
     assert {"c1b", "c3", "fc"} <= names  # Conv1d, Conv2d, Linear after skewed BatchNorms
     assert "c1" not in names  # the model's input: equal variances, nothing to weigh
-    x = torch.randn(2, 4, 10)
-    packed = pack_model(q)
+    packed = artifacts_reproduce(q, torch.randn(2, 4, 10), tmp_path)
     for name in names:
         p, m = packed.get_submodule(name), q.get_submodule(name)
         assert p.weight_input_scale.dtype == torch.float16
         assert torch.equal(p.dequantize_weight(), m.weight)
         assert quantized_layer_bits(p) == quantized_layer_bits(m)
-    with torch.no_grad():
-        ref = q(x)
-        assert torch.equal(packed(x), ref)
-        assert torch.equal(unpack_model(packed)(x), ref)
-        path = dfmpc_fx.save(q, tmp_path / "m.pt")
-        for as_packed in (True, False):
-            assert torch.equal(dfmpc_fx.load(path, packed=as_packed)(x), ref)
-        ts = torch.jit.load(str(dfmpc_fx.export_torchscript(q, tmp_path / "m.ts", x, packed=True)))
-        assert torch.equal(ts(x), ref)
-        ep = dfmpc_fx.export_program(q, x, packed=True)
-        assert float((ep.module()(x) - ref).abs().max()) < 1e-5
-    ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnx")
-    path = dfmpc_fx.export_onnx(q, tmp_path / "m.onnx", x, packed=True)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (got,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
-    assert float((torch.from_numpy(got) - ref).abs().max()) < 1e-4
 
 
 @pytest.mark.slow
