@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.fx import GraphModule
 
 from ..errors import PackError
-from ..numerics.quant import expand_groups, group_count
+from ..numerics.quant import column_view, expand_groups, group_count
 from ..numerics.packing import _plane_tables, _unpack, pack_codes, packed_nbytes, plane_layout, unpack_codes
 from ..graph.tracing import own_forward
 from ..transform.modules import QuantConv1d, QuantConv2d, QuantLinear, _QuantMixin, is_quant_module
@@ -330,11 +330,11 @@ def pack_module(layer: nn.Module, name: str = "layer") -> nn.Module:
     zero_point = layer.weight_zero_point.detach().to(weight.dtype).reshape(-1)
     c_out = weight.shape[0]
     factors = getattr(layer, "weight_input_scale", None)
-    exact_weight = weight
+    on_grid = weight  # what the codes times the scales give (before the per-input-channel factors)
     if isinstance(factors, torch.Tensor):
         if factors.numel() != weight.shape[1]:
             raise PackError(f"{name}: weight_input_scale must have {weight.shape[1]} entries (one per input channel)")
-        weight = weight / factors.detach().to(weight.dtype).reshape((1, -1) + (1,) * (weight.dim() - 2))
+        on_grid = weight / column_view(factors.detach().to(weight.dtype), weight.dim())
     else:
         factors = None
     group_size = getattr(layer, "group_size", None)
@@ -345,14 +345,14 @@ def pack_module(layer: nn.Module, name: str = "layer") -> nn.Module:
             raise PackError(f"{name}: grouped weight_scale/weight_zero_point must have {n_scales} entries "
                             f"({c_out} channels x ceil({k}/{group_size}) groups)")
         scale, zero_point = scale.reshape(c_out, -1), zero_point.reshape(c_out, -1)
-        rows = weight.reshape(c_out, -1)
+        rows = on_grid.reshape(c_out, -1)
         signed = torch.round(rows / expand_groups(scale, k, group_size) + expand_groups(zero_point, k, group_size))
         signed = signed.reshape(weight.shape)
     else:
         if scale.numel() not in (1, c_out) or zero_point.numel() not in (1, c_out):
             raise PackError(f"{name}: weight_scale/weight_zero_point must have 1 or {c_out} entries")
         shape = (-1,) + (1,) * (weight.dim() - 1)
-        signed = torch.round(weight / scale.view(shape) + zero_point.view(shape))
+        signed = torch.round(on_grid / scale.view(shape) + zero_point.view(shape))
     offset = _code_offset(scheme, bits)
     unsigned = signed + offset
     lo, hi = float(unsigned.min()), float(unsigned.max())
@@ -377,7 +377,6 @@ def pack_module(layer: nn.Module, name: str = "layer") -> nn.Module:
     new.zero_point_numel = int(zero_point.numel())
     new.group_size = 0 if group_size is None else int(group_size)
     new.train(layer.training)
-    weight = exact_weight
     rebuilt = new.dequantize_weight()
     if not torch.equal(rebuilt, weight):
         dev = float((rebuilt - weight).abs().max())

@@ -21,6 +21,7 @@ from typing import Callable, Optional
 import torch
 
 from .allocation import _RowReference, sample_rows
+from .quant import column_view
 
 __all__ = ["INPUT_SCALE_EXPONENTS", "InputFactors", "column_view", "input_channel_factors", "choose_input_factors"]
 
@@ -29,12 +30,6 @@ INPUT_SCALE_EXPONENTS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
 #: Variances below this share of the largest are raised to it (a dead input channel would
 #: otherwise get an unbounded factor).
 _VAR_FLOOR = 1e-4
-
-
-def column_view(factors: torch.Tensor, weight_dim: int) -> torch.Tensor:
-    """``factors`` (one per input channel, dim 1 of a weight) shaped to broadcast over a
-    weight of ``weight_dim`` dimensions."""
-    return factors.reshape((1, -1) + (1,) * (weight_dim - 2))
 
 
 def input_channel_factors(in_var: torch.Tensor, alpha: float, dtype: torch.dtype) -> torch.Tensor:

@@ -22,12 +22,19 @@ __all__ = [
     "group_count",
     "expand_groups",
     "SCALE_DTYPES",
+    "column_view",
 ]
 
 #: Storage dtypes of scales and zero points: float32 (the weight's dtype, exact) or float16
 #: (half the overhead: a 3x3 depthwise filter's per-channel scale costs 1.8 instead of 3.6 bits
 #: per weight; an fp16 scale has 11 significant bits, far finer than a 2-8 bit grid).
 SCALE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16}
+
+
+def column_view(factors: torch.Tensor, weight_dim: int) -> torch.Tensor:
+    """``factors`` (one per input channel, dim 1 of a weight) shaped to broadcast over a
+    weight of ``weight_dim`` dimensions."""
+    return factors.reshape((1, -1) + (1,) * (weight_dim - 2))
 
 
 @dataclass
@@ -54,7 +61,7 @@ class QuantizedWeight:
         w = self._dequantize_codes()
         if self.input_scale is None:
             return w
-        return w * self.input_scale.to(w.dtype).reshape((1, -1) + (1,) * (w.dim() - 2))
+        return w * column_view(self.input_scale.to(w.dtype), w.dim())
 
     def _dequantize_codes(self) -> torch.Tensor:
         # scales and zero points may be stored narrower (float16): compute in the codes' dtype

@@ -12,7 +12,7 @@ import torch
 from ..config import DFMPCConfig
 from ..errors import ConfigError
 from ..numerics.allocation import Candidate, InfeasibleBudget, LayerCost, allocate, estimate_layer, price_of_bit
-from .input_scaling import assign_input_scales
+from .input_scaling import input_factors_for
 from .plan import LayerInputs, quantize_for
 
 __all__ = ["BudgetChoice", "choose_widths", "candidates_for", "DefaultBudgetWarning", "layer_costs", "solve_widths"]
@@ -163,22 +163,18 @@ def choose_widths(
     extra: dict[str, int] = {}
     by_name = {c.name: c for c in costs}
     for inp in inputs:
-        choice = choices[inp.name]
+        option = choices[inp.name].option
         cost = by_name[inp.name]
-        if cost.damage[cost.options.index(choice.option)] <= price * inp.weight.shape[1] * cfg.scale_bits:
-            # factors cannot remove more damage than the layer has left: not worth choosing them
-            inp.input_scale_reserved = False
+        cost_bits = inp.weight.shape[1] * cfg.scale_bits  # one factor per input channel
+        inp.input_scale_reserved = False
+        # factors cannot remove more damage than the layer has left: skip choosing them there
+        if cost.damage[cost.options.index(option)] <= price * cost_bits:
             continue
-        bits, group_size = inp.bits, inp.group_size
-        inp.bits, inp.group_size, inp.input_scale_reserved = choice.option.bits, choice.option.group_size, True
-        assign_input_scales([inp], cfg)
-        cost_bits = 0 if inp.input_scale is None else inp.input_scale.numel() * cfg.scale_bits
+        got = input_factors_for(inp, cfg, option.bits, option.group_size)
         # damage in the knapsack's units: the estimate's rows are a sample of the layer's
-        pays = inp.input_scale is not None and inp.input_scale_saved * gains.get(inp.name, 1.0) > price * cost_bits
-        inp.bits, inp.group_size, inp.input_scale_reserved = bits, group_size, pays
-        if pays:
+        if got is not None and got.factors is not None and got.saved * gains.get(inp.name, 1.0) > price * cost_bits:
+            inp.input_scale_reserved = True
             extra[inp.name] = cost_bits
-        inp.input_scale, inp.input_scale_exponent, inp.input_scale_saved = None, None, 0.0
     if not extra:
         return choices
     charged = [LayerCost(c.name, c.numel, c.options,

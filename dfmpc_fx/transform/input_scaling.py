@@ -13,15 +13,15 @@ eligible layer up front wastes them where no factor pays (2.92 instead of 3.0 bi
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 
 from ..config import DFMPCConfig
-from ..numerics.input_scales import choose_input_factors
+from ..numerics.input_scales import InputFactors, choose_input_factors
 from .plan import LayerInputs, quantize_for
 
-__all__ = ["assign_input_scales"]
+__all__ = ["assign_input_scales", "input_factors_for"]
 
 
 def _eligible(inp: LayerInputs) -> bool:
@@ -30,19 +30,27 @@ def _eligible(inp: LayerInputs) -> bool:
             and inp.in_moments.var.numel() == inp.weight.shape[1] and inp.weight.shape[1] > 1)
 
 
+def input_factors_for(inp: LayerInputs, cfg: DFMPCConfig, bits: int, group_size: Optional[int]) -> Optional[InputFactors]:
+    """The factors an eligible layer would get at ``bits`` / ``group_size`` (None: not eligible)."""
+    if not _eligible(inp):
+        return None
+    store = torch.float16 if cfg.scale_bits == 16 else inp.weight.dtype
+
+    def quantize(w: torch.Tensor) -> torch.Tensor:
+        return quantize_for(w, bits, cfg, group_size, inp.role).dequantize()
+
+    return choose_input_factors(inp.weight, inp.in_moments.var, quantize, store,
+                                inp.bn.var if inp.bn is not None else None)
+
+
 def assign_input_scales(inputs: Iterable[LayerInputs], cfg: DFMPCConfig) -> None:
     """Set ``input_scale`` / ``input_scale_exponent`` of every eligible layer of ``inputs`` at
     its width (under a budget: only the layers whose factors' bytes the allocator charged)."""
     if not cfg.uses_input_scales:
         return
     for inp in inputs:
-        if inp.bits is None or not _eligible(inp) or (cfg.has_budget and not inp.input_scale_reserved):
+        if inp.bits is None or (cfg.has_budget and not inp.input_scale_reserved):
             continue
-        store = torch.float16 if cfg.scale_bits == 16 else inp.weight.dtype
-
-        def quantize(w: torch.Tensor, inp: LayerInputs = inp) -> torch.Tensor:
-            return quantize_for(w, inp.bits, cfg, inp.group_size, inp.role).dequantize()
-
-        got = choose_input_factors(inp.weight, inp.in_moments.var, quantize, store,
-                                   inp.bn.var if inp.bn is not None else None)
-        inp.input_scale, inp.input_scale_exponent, inp.input_scale_saved = got.factors, got.alpha, got.saved
+        got = input_factors_for(inp, cfg, inp.bits, inp.group_size)
+        if got is not None:
+            inp.input_scale, inp.input_scale_exponent = got.factors, got.alpha

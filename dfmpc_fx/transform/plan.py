@@ -19,8 +19,7 @@ from ..config import DFMPCConfig
 from ..numerics import compensation as cmath
 from ..numerics.compensation import ChannelMoments
 from ..graph.bits import HIGH, LOW
-from ..numerics.input_scales import column_view
-from ..numerics.quant import QuantizedWeight, quantize_dorefa, quantize_weight
+from ..numerics.quant import QuantizedWeight, column_view, quantize_dorefa, quantize_weight
 from .report import LayerReport
 
 __all__ = ["BatchNormState", "LayerInputs", "LayerPlan", "BatchNormUpdate", "plan_layer", "quantize_for"]
@@ -61,7 +60,6 @@ class LayerInputs:
     input_scale: Optional[torch.Tensor] = None  # per-input-channel factors (numerics/input_scales.py), or None
     input_scale_exponent: Optional[float] = None  # the exponent they were chosen with (None: not considered)
     input_scale_reserved: bool = False  # size budget: the factors' bytes are charged (input_scaling.py)
-    input_scale_saved: float = 0.0  # predicted noise-to-signal ratio the factors remove
     fold_scales: bool = False  # per-channel scales go into ``bn`` (DFMPCConfig.fold_scales; graph side checked it may)
 
 
