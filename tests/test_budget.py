@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -48,6 +48,7 @@ def _brute_force(costs, budget):
 
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 10_000), n_layers=st.integers(1, 5), slack=st.floats(0.0, 1.0))
+@example(seed=2350, n_layers=3, slack=0.25)  # relaxation + fill alone: 1.55x the optimum
 def test_allocate_fits_and_is_near_optimal(seed, n_layers, slack):
     g = torch.Generator().manual_seed(seed)
     costs = []
