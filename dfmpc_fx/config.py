@@ -102,6 +102,18 @@ class DFMPCConfig:
             explicit layouts and ``method="paper"`` (bit-identical to earlier releases);
             ``True``/``False`` force it. Only layers whose output goes only to an affine
             BatchNorm, with the symmetric per-channel quantizer, fold (``LayerReport.scales_folded``).
+        fold_batchnorm: fold the (corrected) BatchNorm that follows a quantized layer into it
+            and remove it from the graph: each channel's scale is multiplied by
+            ``gamma / sqrt(var + eps)`` and the layer gets the bias
+            ``beta + gamma (b - mean) / sqrt(var + eps)``, so the output is unchanged (to float
+            rounding) and the model stores two values per channel instead of the BatchNorm's
+            four (what AIMET and torch.ao do before they quantize; here it happens after the
+            correction, which needs the BatchNorm's statistics). It saves bytes but not bits
+            per weight: a folded layer keeps one scale per channel, where ``fold_scales``
+            stores one per layer. ``"auto"`` (default): on when the budget is in bytes
+            (``target_bytes``), off otherwise; ``True``/``False`` force it. Layers whose output
+            goes only to a BatchNorm with running statistics fold (``LayerReport.batchnorm_folded``);
+            a zero-point quantizer folds only where every gamma is >= 0.
     """
 
     low_bits: int = _Unset(2)
@@ -129,6 +141,7 @@ class DFMPCConfig:
     scale_dtype: str = "auto"
     input_scales: bool | str = "auto"
     fold_scales: bool | str = "auto"
+    fold_batchnorm: bool | str = "auto"
 
     def __post_init__(self) -> None:
         self._resolve_target()
@@ -178,6 +191,8 @@ class DFMPCConfig:
                                          or self.granularity != "per_channel"):
             raise ConfigError("fold_scales=True needs method='dfmpc', scheme='symmetric' and granularity='per_channel' "
                               "(a zero point or a per-layer scale cannot move into a BatchNorm): drop fold_scales or those")
+        if not (isinstance(self.fold_batchnorm, bool) or self.fold_batchnorm == "auto"):
+            raise ConfigError(f"fold_batchnorm={self.fold_batchnorm!r} must be 'auto', True or False")
         if not (isinstance(self.input_scales, bool) or self.input_scales == "auto"):
             raise ConfigError(f"input_scales={self.input_scales!r} must be 'auto', True or False")
         if self.input_scales is True and self.method != "dfmpc":
@@ -223,6 +238,13 @@ class DFMPCConfig:
             return (self.has_budget and self.method == "dfmpc" and self.scheme == "symmetric"
                     and self.granularity == "per_channel")
         return bool(self.fold_scales)
+
+    @property
+    def folds_batchnorm(self) -> bool:
+        """Whether BatchNorms after quantized layers are folded into them (``fold_batchnorm``)."""
+        if self.fold_batchnorm == "auto":
+            return self.target_bytes is not None and self.method == "dfmpc"
+        return bool(self.fold_batchnorm)
 
     @property
     def uses_input_scales(self) -> bool:

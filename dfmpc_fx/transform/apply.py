@@ -29,9 +29,20 @@ def _apply_batchnorm(bn: nn.Module, update: BatchNormUpdate) -> None:
         _write(bn.weight, update.weight)
 
 
+def _remove_batchnorm(gm: GraphModule, name: str) -> None:
+    """Take a folded BatchNorm out of the graph: its users read its input instead."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and str(node.target) == name:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            break
+    gm.delete_submodule(name)
+
+
 def apply_plans(gm: GraphModule, plans: Iterable[LayerPlan]) -> None:
     """Write every plan into ``gm`` (a working copy that shares only the float conv/linear
     weights with the user's model: those are replaced, never written)."""
+    removed = False
     for plan in plans:
         layer = gm.get_submodule(plan.name)
         w_dtype = layer.weight.dtype
@@ -39,7 +50,10 @@ def apply_plans(gm: GraphModule, plans: Iterable[LayerPlan]) -> None:
             # Kept in float: give the copy its own weight (it was shared with the input model).
             layer.weight = nn.Parameter(plan.weight.to(w_dtype).clone(), requires_grad=layer.weight.requires_grad)
             continue
-        if plan.bn_update is not None:
+        if plan.bn_update is not None and plan.bn_update.remove:
+            _remove_batchnorm(gm, plan.bn_update.name)
+            removed = True
+        elif plan.bn_update is not None:
             _apply_batchnorm(gm.get_submodule(plan.bn_update.name), plan.bn_update)
         qw = plan.qweight
         # scales keep a narrower storage dtype (float16 under scale_dtype="float16"); otherwise the weight's
@@ -49,3 +63,6 @@ def apply_plans(gm: GraphModule, plans: Iterable[LayerPlan]) -> None:
             qw.input_scale = qw.input_scale.to(store)
         bias = None if plan.bias is None else plan.bias.to(w_dtype)
         gm.set_submodule(plan.name, to_quant_module(layer, plan.weight.to(w_dtype), bias, qw, plan.role))
+    if removed:
+        gm.graph.lint()
+        gm.recompile()

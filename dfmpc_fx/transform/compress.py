@@ -30,7 +30,7 @@ from .apply import apply_plans
 from .budget import BudgetChoice, DefaultBudgetWarning, choose_widths, layer_costs, solve_widths
 from .input_scaling import assign_input_scales
 from .modules import is_quant_module, quantized_layer_bits, quantized_layer_bytes, to_quant_module
-from .plan import BatchNormState, LayerInputs, LayerPlan, plan_layer, quantize_for
+from .plan import BatchNormState, LayerInputs, LayerPlan, adds_bias, plan_layer, quantize_for
 from ..graph.moments import MomentEstimate, estimate_moments
 from ..graph.sensitivity import output_noise_gains
 from ..graph.pairs import BATCHNORM_MODULES, WEIGHTED_MODULES, _consumers, search_graph
@@ -587,6 +587,8 @@ def _layer_inputs(
     bn_name = None
     if plan.bits[name] is not None and call_counts[name] == 1:
         bn_name = pair.bn if pair is not None else _following_batchnorm(node, modules, call_counts)
+    fold_bn = (cfg.folds_batchnorm and bn_name is not None and _PARTS_BUDGET.get() is None
+               and _can_fold_batchnorm(layer, modules[bn_name], cfg))
     return LayerInputs(
         name=name, kind=type(layer).__name__, role=plan.roles[name], bits=plan.bits[name], weight=ref,
         bias=bias, groups=groups, in_moments=in_m,
@@ -594,8 +596,41 @@ def _layer_inputs(
         partner=pair.second if pair is not None else None,
         features_per_channel=pair.features_per_channel if pair is not None else 1,
         mean_trusted=mean_trusted, provenance=provenance,
-        fold_scales=cfg.folds_scales and bn_name is not None and modules[bn_name].weight is not None,
+        fold_scales=cfg.folds_scales and bn_name is not None and modules[bn_name].weight is not None and not fold_bn,
+        fold_batchnorm=fold_bn,
     )
+
+
+def _can_fold_batchnorm(layer: nn.Module, bn: nn.Module, cfg: DFMPCConfig) -> bool:
+    """Whether ``fold_batchnorm`` may fold ``bn`` into ``layer`` (decided before any width is
+    chosen, so that a size budget counts the bytes it saves): the BatchNorm normalises the
+    layer's output channels; the layer's ``forward`` adds its bias (torch's own, or it has one
+    already); a zero-point scheme sees no negative gamma (its codes cannot be negated); float16
+    scales stay far from overflow once multiplied by ``gamma / sqrt(var + eps)``."""
+    out = layer.weight.shape[0]
+    if bn.num_features != out or bn.running_var is None:
+        return False
+    if layer.bias is None and type(layer).forward not in {nn.Conv1d.forward, nn.Conv2d.forward, nn.Linear.forward}:
+        return False
+    gamma = bn.weight.detach() if bn.weight is not None else torch.ones(out)
+    if cfg.scheme not in ("symmetric", "ternary") and bool((gamma < 0).any()):
+        return False
+    if cfg.scale_bits == 16 or cfg.method == "paper":
+        m = gamma.abs().double() / torch.sqrt(bn.running_var.detach().double() + bn.eps)
+        peak = layer.weight.detach().reshape(out, -1).abs().amax(dim=1).double()
+        if float((m * peak).max()) * 16 > float(torch.finfo(torch.float16).max):
+            return False
+    return True
+
+
+def _planned_extra_bits(inp: LayerInputs, modules: dict[str, nn.Module], cfg: DFMPCConfig) -> float:
+    """Bits the plan adds outside the weights: a bias the layer gains (float32 per output
+    channel), less the floats of a BatchNorm folded into it."""
+    extra = 32.0 * inp.weight.shape[0] if adds_bias(inp, cfg) else 0.0
+    if inp.fold_batchnorm:
+        bn = modules[inp.bn_name]
+        extra -= 32.0 * sum(t.numel() for t in [*bn.parameters(), *bn.buffers()] if torch.is_floating_point(t))
+    return extra
 
 
 def _plan_under_budget(
@@ -614,7 +649,9 @@ def _plan_under_budget(
     inputs = [_layer_inputs(name, modules, call_counts, first_node[name], plan, moments, None, cfg) for name in layers]
     quantizable = [inp for inp in inputs if inp.bits is not None]
     fixed_weight_bits = 32.0 * (weight_count - sum(inp.weight.numel() for inp in quantizable))
-    fixed_other_bits = 8.0 * float_bytes - 32.0 * weight_count
+    # biases the corrections add, less BatchNorms folded into their layers (fold_batchnorm)
+    fixed_other_bits = 8.0 * float_bytes - 32.0 * weight_count + sum(
+        _planned_extra_bits(inp, modules, cfg) for inp in quantizable)
     pool = _PARTS_BUDGET.get()
     if pool is None:
         choices = choose_widths(quantizable, cfg, fixed_weight_bits, weight_count, fixed_other_bits, gains, notes)
@@ -750,6 +787,11 @@ def swap_compressed_modules(target: nn.Module, qmodel: GraphModule) -> list[str]
         if isinstance(mod, BATCHNORM_MODULES):
             names.append(name)
     swapped = []
+    for layer in report.layers:
+        if layer.batchnorm_folded and layer.batchnorm_folded in t_modules:
+            # folded into its layer (fold_batchnorm): the structure's forward still calls it
+            target.set_submodule(layer.batchnorm_folded, nn.Identity())
+            swapped.append(layer.batchnorm_folded)
     for name in names:
         if name not in t_modules:
             raise InvalidModelError(

@@ -22,7 +22,7 @@ from ..graph.bits import HIGH, LOW
 from ..numerics.quant import QuantizedWeight, column_view, quantize_dorefa, quantize_weight
 from .report import LayerReport
 
-__all__ = ["BatchNormState", "LayerInputs", "LayerPlan", "BatchNormUpdate", "plan_layer", "quantize_for"]
+__all__ = ["BatchNormState", "LayerInputs", "LayerPlan", "BatchNormUpdate", "adds_bias", "plan_layer", "quantize_for"]
 
 
 @dataclass
@@ -61,6 +61,7 @@ class LayerInputs:
     input_scale_exponent: Optional[float] = None  # the exponent they were chosen with (None: not considered)
     input_scale_reserved: bool = False  # size budget: the factors' bytes are charged (input_scaling.py)
     fold_scales: bool = False  # per-channel scales go into ``bn`` (DFMPCConfig.fold_scales; graph side checked it may)
+    fold_batchnorm: bool = False  # ``bn`` is folded into the layer and removed (DFMPCConfig.fold_batchnorm; checked it may)
 
 
 @dataclass
@@ -72,6 +73,7 @@ class BatchNormUpdate:
     running_var: Optional[torch.Tensor] = None
     bias: Optional[torch.Tensor] = None
     weight: Optional[torch.Tensor] = None  # gamma
+    remove: bool = False  # folded into its layer (fold_batchnorm): apply takes the BatchNorm out of the graph
 
 
 @dataclass
@@ -196,7 +198,11 @@ def plan_layer(inp: LayerInputs, cfg: DFMPCConfig) -> LayerPlan:
     elif ratio is not None and bn is not None:
         # No partner to absorb a scale: put the predicted variance into BatchNorm itself.
         update.running_var = ((bn.var + bn.eps) * ratio - bn.eps).clamp_min(0)
-    if inp.fold_scales and bn is not None and bn.weight is not None and qw.scheme == "symmetric" \
+    if inp.fold_batchnorm and bn is not None:
+        qw, q, new_bias = _fold_batchnorm_into_layer(qw, new_bias, bn, update)
+        update = BatchNormUpdate(inp.bn_name, remove=True)
+        rep.batchnorm_folded = inp.bn_name
+    elif inp.fold_scales and bn is not None and bn.weight is not None and qw.scheme == "symmetric" \
             and qw.group_size is None and qw.scale.numel() == ref.shape[0] > 1:
         qw, q, new_bias = _fold_scales_into_batchnorm(qw, new_bias, bn, update)
         rep.scales_folded = True
@@ -222,6 +228,58 @@ def _fold_scales_into_batchnorm(
     update.weight = bn.weight * torch.sqrt(var + bn.eps * r.square()) / torch.sqrt(var + bn.eps)
     folded = QuantizedWeight(qw.codes, shared, torch.zeros_like(shared), qw.bits, qw.scheme, None, qw.input_scale)
     return folded, folded.dequantize(), None if bias is None else bias / r.view(-1)
+
+
+def adds_bias(inp: LayerInputs, cfg: DFMPCConfig) -> bool:
+    """Whether :func:`plan_layer` gives a layer without a bias one: mean correction with no
+    BatchNorm to shift, a partner's mean-preserving shift with no BatchNorm, or a folded
+    BatchNorm. A byte budget counts those floats before any width is chosen."""
+    if inp.bias is not None or inp.bits is None:
+        return False
+    if inp.bn is not None:
+        return inp.fold_batchnorm
+    if not (cfg.compensate and cfg.method == "dfmpc" and inp.in_moments is not None):
+        return False
+    return (cfg.mean_correction and inp.mean_trusted) or (inp.partner is not None and cfg.scale_rule == "batchnorm")
+
+
+def batchnorm_multiplier(bn: BatchNormState, update: Optional[BatchNormUpdate] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(m, mean)`` of a BatchNorm (with ``update``'s values where it has them): it computes
+    ``m (y - mean) + beta`` with ``m = gamma / sqrt(var + eps)``."""
+    pick = lambda new, old: old if new is None else new.to(bn.var.dtype)  # noqa: E731
+    mean = pick(update and update.running_mean, bn.mean)
+    var = pick(update and update.running_var, bn.var)
+    gamma = pick(update and update.weight, bn.weight)
+    gamma = torch.ones_like(var) if gamma is None else gamma
+    return gamma / torch.sqrt(var + bn.eps), mean
+
+
+def _fold_batchnorm_into_layer(
+    qw: QuantizedWeight, bias: Optional[torch.Tensor], bn: BatchNormState, update: BatchNormUpdate,
+) -> tuple[QuantizedWeight, torch.Tensor, torch.Tensor]:
+    """The layer followed by its (corrected) BatchNorm as one layer: ``m (Q x + b - mean) + beta``
+    is ``(m Q) x + beta + m (b - mean)``, and ``m Q`` is the same codes with each channel's
+    scales times ``|m|`` (codes negated where ``m < 0``, so scales stay positive; the graph side
+    allows negative ``m`` only for zero-point-free schemes). Scales keep their storage dtype."""
+    m, mean = batchnorm_multiplier(bn, update)
+    beta = update.bias if update.bias is not None else bn.bias
+    beta = torch.zeros_like(m) if beta is None else beta.to(m.dtype)
+    b = torch.zeros_like(m) if bias is None else bias.to(m.dtype)
+    new_bias = beta + m * (b - mean)
+    c_out = m.shape[0]
+    sign = torch.where(m < 0, -1.0, 1.0).to(qw.codes.dtype)
+    codes = qw.codes * sign.view((-1,) + (1,) * (qw.codes.dim() - 1)) if bool((m < 0).any()) else qw.codes
+    scale = qw.scale.to(m.dtype)
+    if scale.dim() == 1:
+        scale = scale.expand(c_out)  # a per-tensor scale becomes one per channel
+        zero_point = qw.zero_point.expand(c_out)
+        scale = scale * m.abs()
+    else:
+        zero_point = qw.zero_point
+        scale = scale * m.abs().unsqueeze(1)
+    folded = QuantizedWeight(codes, scale.to(qw.scale.dtype).contiguous(), zero_point.contiguous().clone(), qw.bits,
+                             qw.scheme, qw.group_size, qw.input_scale)
+    return folded, folded.dequantize(), new_bias
 
 
 def relative_error(q: torch.Tensor, ref: torch.Tensor, red: Optional[cmath.PairedReductions]) -> float:

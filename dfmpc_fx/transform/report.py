@@ -33,6 +33,7 @@ class LayerReport:
     estimates: Optional[dict[str, float]] = None  # size budget: every option's prediction (label -> ratio)
     noise_gain: Optional[float] = None  # size budget: share of this layer's output noise reaching the model output
     input_moments: Optional[str] = None  # where the data-free input moments came from, or why there are none
+    batchnorm_folded: Optional[str] = None  # fold_batchnorm: the BatchNorm folded into this layer (and removed)
     scales_folded: bool = False  # fold_scales: the per-channel scales live in the following BatchNorm
     input_scale_exponent: Optional[float] = None  # input_scales: alpha of the factors Var(x)^(-alpha/2) (0: none; None: not considered)
     reason: Optional[str] = None  # why kept in float (bits None); or how a layer the graph does not see was handled
