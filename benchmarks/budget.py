@@ -4,8 +4,10 @@
     python benchmarks/budget.py --models resnet20 --subset 2000
     python benchmarks/budget.py --render-only   # re-render from benchmarks/budget_results.json
 
-Rows: FP32; the size-budget allocator (``target_bits`` 2.0 / 2.5 / 3.0 / 4.0, and at the MP2/6
-default's own size in bytes); uniform W2/W3/W4 with 8-bit first/last layers, corrected and (W3)
+Rows: FP32; the size-budget allocator (``target_bits`` 2.0 / 2.01 / 2.5 / 3.0 / 4.0, and
+``target_bytes`` at exactly the bytes of MP2/6, uniform corrected W3/W4, HQQ W2 g64 and, with
+``--peers``, AIMET W3/W4: ``alloc@bytes:<row>``; a byte budget folds BatchNorms into the layers,
+as AIMET does); uniform W2/W3/W4 with 8-bit first/last layers, corrected and (W3)
 plain; the MP2/6 and MP3/6 pair layouts; the paper's method at MP2/6; HQQ (PyPI ``hqq``, data-free,
 one scale and zero per group, no correction) at W2/W3/W4 g64 and W2 g32; and the data-aware
 reference: BatchNorm re-estimated on 2,000 training images at the allocator's own widths.
@@ -60,13 +62,17 @@ def rows(peers: bool = False) -> list[dict[str, Any]]:
     out += [{"key": "mp26", "kind": "compress", "family": "MP layout", "config": {"low_bits": 2, "high_bits": 6}},
             {"key": "mp36", "kind": "compress", "family": "MP layout", "config": {"low_bits": 3}},
             {"key": "paper@MP2/6", "kind": "compress", "family": "paper", "config": {"method": "paper"}},
-            {"key": "alloc@mp26_bytes", "kind": "compress", "family": "allocator", "config": {"target_bytes": "mp26"}}]
+            {"key": "alloc@bytes:mp26", "kind": "compress", "family": "allocator", "config": {"target_bytes": "mp26"}}]
     out += [{"key": f"hqq@W{b}g{g}", "kind": "hqq", "family": "HQQ", "bits": b, "group": g}
             for b, g in ((2, 64), (3, 64), (4, 64), (2, 32))]
     out += [{"key": "bn_ref@alloc3.0", "kind": "bn_ref", "family": "data-aware reference", "config": {"target_bits": 3.0}}]
     if peers:
         out += [{"key": f"{peer}@W{b}", "kind": "peer", "family": PEER_FAMILY, "peer": peer,
                  "config": _uniform(b, compensate=False)} for peer in ("aimet", "brevitas") for b in (3, 4)]
+    # the allocator at exactly a rival's bytes (target_bytes: BatchNorms fold, as AIMET's do)
+    matched = ["uniform_corr@W3", "uniform_corr@W4", "hqq@W2g64"] + (["aimet@W3", "aimet@W4"] if peers else [])
+    out += [{"key": f"alloc@bytes:{ref}", "kind": "compress", "family": "allocator", "config": {"target_bytes": ref}}
+            for ref in matched]
     return out
 
 
@@ -144,8 +150,13 @@ def run_model(name: str, subset: Optional[int], threads: int, peers: bool = Fals
                 res["numel"] = n
             elif row["kind"] in ("compress", "bn_ref"):
                 cfg = dict(res["config"])
-                if cfg.get("target_bytes") == "mp26":
-                    cfg["target_bytes"] = sizes["mp26"]
+                if isinstance(cfg.get("target_bytes"), str):  # the bytes of an earlier row
+                    res["bytes_of"] = cfg["target_bytes"]
+                    if res["bytes_of"] not in sizes:
+                        res["skipped"] = f"row {res['bytes_of']} did not run"
+                        out["rows"].append(res)
+                        continue
+                    cfg["target_bytes"] = sizes[res["bytes_of"]]
                     res["config"] = cfg
                 final = dfmpc_fx.compress(model, **cfg)
                 rep = dfmpc_fx.get_report(final)
@@ -212,6 +223,10 @@ def comparisons(mres: dict[str, Any]) -> list[dict[str, Any]]:
                 best = max(rivals, key=lambda r: r["acc"])
                 line["vs"][fam] = {"key": best["key"], "acc": best["acc"], "bytes": best["bytes"],
                                    "ok": a["acc"] >= best["acc"] - TIE}
+        ref = next((r for r in rs if r["key"] == a.get("bytes_of")), None)
+        if ref is not None:  # budgeted at exactly this row's bytes (its own size is at most that)
+            line["vs"]["matched"] = {"key": ref["key"], "acc": ref["acc"], "bytes": ref["bytes"],
+                                     "ok": a["acc"] >= ref["acc"] - TIE and a["bytes"] <= ref["bytes"]}
         out.append(line)
     return out
 
@@ -238,13 +253,15 @@ def render(results: dict[str, Any]) -> str:
                          f"{r['bits_per_weight']:.3f} | {r['bytes'] / 1e3:.1f} |")
         lines += ["", "Equal size: each allocator point against the most accurate row of each family at the same or "
                   f"a smaller size in bytes (tie within {TIE} point counts).", "",
-                  "| allocator | top-1 @ bits/w | uniform corr. | uniform plain | MP layout | paper | HQQ | peers |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| allocator | top-1 @ bits/w | budgeted at the bytes of | uniform corr. | uniform plain | MP layout | paper | HQQ | peers |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for c in comparisons(mres):
             cells = []
-            for fam in ("uniform corrected", "uniform plain", "MP layout", "paper", "HQQ", PEER_FAMILY):
+            for fam in ("matched", "uniform corrected", "uniform plain", "MP layout", "paper", "HQQ", PEER_FAMILY):
                 v = c["vs"].get(fam)
-                if v is None:
+                if v is None and fam == "matched":
+                    cells.append("")
+                elif v is None:
                     cells.append("none smaller" if any(r["family"] == fam and "acc" in r for r in rs) else "not run")
                 else:
                     cells.append(f"{v['key']} {v['acc']:.2f} {'✔' if v['ok'] else '✘'}")
