@@ -372,3 +372,25 @@ def test_compress_packs_by_default_and_float_weights_opt_out(workdir: Path, caps
         assert "(packed)" not in res.out
         sizes[flag] = (workdir / out).stat().st_size
     assert min(sizes.values()) > (workdir / "out/default.ts").stat().st_size
+
+
+def test_compress_fold_and_factor_flags(tmp_path):
+    """`--target-bytes` folds the BatchNorms by default (the report says which), `--fold-batchnorm
+    off` keeps them, and the three auto/on/off flags reach the config."""
+    import json
+
+    from dfmpc_fx.integrations.cli import main
+
+    out, report = tmp_path / "m.ts", tmp_path / "r.json"
+    args = ["compress", "zoo:resnet20", "--target-bytes", "120000", "--out", str(out), "--report", str(report)]
+    assert main(args) == 0
+    folded = json.loads(report.read_text())
+    assert folded["compressed_bytes"] <= 120000 and any(l["batchnorm_folded"] for l in folded["layers"])
+    assert main(args + ["--fold-batchnorm", "off", "--fold-scales", "off", "--input-scales", "on"]) == 0
+    kept = json.loads(report.read_text())
+    assert not any(l["batchnorm_folded"] for l in kept["layers"]) and not any(l["scales_folded"] for l in kept["layers"])
+    assert (kept["config"]["fold_batchnorm"], kept["config"]["fold_scales"], kept["config"]["input_scales"]) == (False, False, True)
+    assert kept["bits_per_weight"] < folded["bits_per_weight"]  # the BatchNorms' bytes buy bits
+    with pytest.raises(SystemExit) as info:  # argparse: a usage error naming the choices
+        main(args + ["--fold-batchnorm", "maybe"])
+    assert info.value.code == 2

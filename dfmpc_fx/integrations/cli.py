@@ -174,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="pair layout: bits of layers in no pair (default 8; 'none' keeps them float)")
     comp.add_argument("--first-last-bits", type=_bits_or_none, default=argparse.SUPPRESS, metavar="N",
                       help="pair layout: bits of the first and last layer (default 8; 'none': no special case)")
+    for flag, what in (("--fold-batchnorm", "fold each corrected BatchNorm into the quantized layer before it "
+                                            "(default auto: with --target-bytes)"),
+                       ("--fold-scales", "keep one scale per layer and move the per-channel ratios into the BatchNorm "
+                                         "that follows (default auto: under a budget)"),
+                       ("--input-scales", "per-input-channel factors from the data-free input variances "
+                                          "(default auto: under a budget)")):
+        comp.add_argument(flag, choices=("auto", "on", "off"), default="auto", help=what)
     comp.add_argument("--method", choices=("dfmpc", "paper"), default="dfmpc", help="'dfmpc' (default) or 'paper' (the published formulas, for reproduction)")
     comp.add_argument("--no-compensate", action="store_true", help="plain mixed precision, same bits, no compensation")
     comp.add_argument("--input-shape", type=_shape, metavar="N,C,H,W", help="example input shape for the export (default 1,3,224,224; zoo models 1,1,28,28)")
@@ -474,6 +481,8 @@ def cmd_compress(args: argparse.Namespace, out: Any, err: Any) -> int:
             compensate=not args.no_compensate,
             target_bits="auto" if args.target_bits is None else args.target_bits,
             target_bytes=args.target_bytes,
+            **{name: {"auto": "auto", "on": True, "off": False}[getattr(args, name)]
+               for name in ("fold_batchnorm", "fold_scales", "input_scales")},
         )
     except dfmpc_fx.ConfigError as exc:
         raise CLIError(f"bad bit widths or options: {exc}", EXIT_USAGE, hint="see dfmpc compress --help") from exc
