@@ -114,6 +114,13 @@ class DFMPCConfig:
             (``target_bytes``), off otherwise; ``True``/``False`` force it. Layers whose output
             goes only to a BatchNorm with running statistics fold (``LayerReport.batchnorm_folded``);
             a zero-point quantizer folds only where every gamma is >= 0.
+        mean_calibration: scale each layer's mean correction ``(Q - W) E[x]`` by the factor that
+            maps the float layer's predicted output means ``W E[x]`` onto the means its
+            BatchNorm recorded (one scalar per layer, clamped to 0.5..1.5;
+            ``LayerReport.mean_scale``). The data-free input means overshoot where zero padding
+            or a ReLU of non-Gaussian pre-activations shrinks the true ones; the recorded means
+            show by how much. ``"auto"`` (default): on under a size budget, off for the explicit
+            layouts and ``method="paper"`` (bit-identical to earlier releases).
     """
 
     low_bits: int = _Unset(2)
@@ -142,6 +149,7 @@ class DFMPCConfig:
     input_scales: bool | str = "auto"
     fold_scales: bool | str = "auto"
     fold_batchnorm: bool | str = "auto"
+    mean_calibration: bool | str = "auto"
 
     def __post_init__(self) -> None:
         self._resolve_target()
@@ -191,6 +199,8 @@ class DFMPCConfig:
                                          or self.granularity != "per_channel"):
             raise ConfigError("fold_scales=True needs method='dfmpc', scheme='symmetric' and granularity='per_channel' "
                               "(a zero point or a per-layer scale cannot move into a BatchNorm): drop fold_scales or those")
+        if not (isinstance(self.mean_calibration, bool) or self.mean_calibration == "auto"):
+            raise ConfigError(f"mean_calibration={self.mean_calibration!r} must be 'auto', True or False")
         if not (isinstance(self.fold_batchnorm, bool) or self.fold_batchnorm == "auto"):
             raise ConfigError(f"fold_batchnorm={self.fold_batchnorm!r} must be 'auto', True or False")
         if not (isinstance(self.input_scales, bool) or self.input_scales == "auto"):
@@ -238,6 +248,13 @@ class DFMPCConfig:
             return (self.has_budget and self.method == "dfmpc" and self.scheme == "symmetric"
                     and self.granularity == "per_channel")
         return bool(self.fold_scales)
+
+    @property
+    def calibrates_means(self) -> bool:
+        """Whether mean correction is scaled to the BatchNorm's recorded means (``mean_calibration``)."""
+        if self.mean_calibration == "auto":
+            return self.has_budget and self.method == "dfmpc"
+        return bool(self.mean_calibration)
 
     @property
     def folds_batchnorm(self) -> bool:

@@ -163,6 +163,10 @@ def plan_layer(inp: LayerInputs, cfg: DFMPCConfig) -> LayerPlan:
     rep.weight_rel_error = relative_error(q, ref, red)
     if red is not None and cfg.mean_correction and inp.mean_trusted:
         delta = red.q_out_mean - red.ref_out_mean
+        if bn is not None and cfg.calibrates_means:
+            recorded = mu if bias is None else mu - bias
+            rep.mean_scale = cmath.recorded_mean_scale(red.ref_out_mean, recorded)
+            delta = delta * rep.mean_scale
         rep.mean_shift = float(delta.abs().mean())
         if bn is not None:
             stored = (mu + delta).to(bn.stats_dtype)

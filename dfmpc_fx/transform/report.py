@@ -28,6 +28,7 @@ class LayerReport:
     degenerate_channels: int = 0  # all-zero quantized channels given c = 1
     mean_shift: Optional[float] = None  # mean |E[(Q-W)x]| corrected, in units of the output std
     partner: Optional[str] = None
+    mean_scale: Optional[float] = None  # mean_calibration: the factor on the mean shift (recorded / predicted means)
     group_size: Optional[int] = None  # weights per scale within a row (None: one per output channel)
     estimated_damage: Optional[float] = None  # size budget: predicted output noise-to-signal of the choice
     estimates: Optional[dict[str, float]] = None  # size budget: every option's prediction (label -> ratio)
