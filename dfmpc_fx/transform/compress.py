@@ -665,12 +665,16 @@ def _plan_under_budget(
     else:
         choices = {inp.name: pool.choices[pool.qualified(inp.name)] for inp in quantizable}
     plans = []
+    upstream_noise = 0.0  # estimated noise-to-signal of the layers planned so far, summed (graph order)
     for inp in inputs:
         choice = choices.get(inp.name)
         if choice is not None:
             inp.bits, inp.group_size = choice.option.bits, choice.option.group_size
             assign_input_scales([inp], cfg)  # at the chosen width, within the bits reserved for them
+        inp.input_signal_fraction = 1.0 / (1.0 + upstream_noise)
         layer_plan = plan_layer(inp, cfg)
+        if choice is not None:
+            upstream_noise += choice.estimate[choice.option.label()]
         if choice is not None:
             rep = layer_plan.report
             rep.group_size = choice.option.group_size

@@ -62,6 +62,7 @@ class LayerInputs:
     input_scale_reserved: bool = False  # size budget: the factors' bytes are charged (input_scaling.py)
     fold_scales: bool = False  # per-channel scales go into ``bn`` (DFMPCConfig.fold_scales; graph side checked it may)
     fold_batchnorm: bool = False  # ``bn`` is folded into the layer and removed (DFMPCConfig.fold_batchnorm; checked it may)
+    input_signal_fraction: float = 1.0  # 1 / (1 + rounding noise-to-signal estimated upstream): how far mean_calibration applies
 
 
 @dataclass
@@ -165,7 +166,10 @@ def plan_layer(inp: LayerInputs, cfg: DFMPCConfig) -> LayerPlan:
         delta = red.q_out_mean - red.ref_out_mean
         if bn is not None and cfg.calibrates_means:
             recorded = mu if bias is None else mu - bias
-            rep.mean_scale = cmath.recorded_mean_scale(red.ref_out_mean, recorded)
+            scale = cmath.recorded_mean_scale(red.ref_out_mean, recorded)
+            # the recorded means are the float model's; the quantized model's inputs carry
+            # upstream rounding noise, which moves them back towards the Gaussian prediction
+            rep.mean_scale = 1.0 + (scale - 1.0) * inp.input_signal_fraction
             delta = delta * rep.mean_scale
         rep.mean_shift = float(delta.abs().mean())
         if bn is not None:
