@@ -29,6 +29,11 @@ class _Unset(int):
     __str__ = __repr__
 
 
+def _auto(value: "bool | str", when_auto: bool) -> bool:
+    """An ``"auto" | True | False`` field resolved: ``when_auto`` for ``"auto"``."""
+    return when_auto if value == "auto" else bool(value)
+
+
 @dataclass(frozen=True)
 class DFMPCConfig:
     """How to compress a model.
@@ -244,31 +249,23 @@ class DFMPCConfig:
     @property
     def folds_scales(self) -> bool:
         """Whether per-channel scales move into the following BatchNorm (``fold_scales``)."""
-        if self.fold_scales == "auto":
-            return (self.has_budget and self.method == "dfmpc" and self.scheme == "symmetric"
-                    and self.granularity == "per_channel")
-        return bool(self.fold_scales)
+        return _auto(self.fold_scales, self.has_budget and self.method == "dfmpc" and self.scheme == "symmetric"
+                     and self.granularity == "per_channel")
 
     @property
     def calibrates_means(self) -> bool:
         """Whether mean correction is scaled to the BatchNorm's recorded means (``mean_calibration``)."""
-        if self.mean_calibration == "auto":
-            return self.has_budget and self.method == "dfmpc"
-        return bool(self.mean_calibration)
+        return _auto(self.mean_calibration, self.has_budget and self.method == "dfmpc")
 
     @property
     def folds_batchnorm(self) -> bool:
         """Whether BatchNorms after quantized layers are folded into them (``fold_batchnorm``)."""
-        if self.fold_batchnorm == "auto":
-            return self.target_bytes is not None and self.method == "dfmpc"
-        return bool(self.fold_batchnorm)
+        return _auto(self.fold_batchnorm, self.target_bytes is not None and self.method == "dfmpc")
 
     @property
     def uses_input_scales(self) -> bool:
         """Whether layers may get per-input-channel factors (``input_scales``)."""
-        if self.input_scales == "auto":
-            return self.has_budget and self.method == "dfmpc"
-        return bool(self.input_scales)
+        return _auto(self.input_scales, self.has_budget and self.method == "dfmpc")
 
     @property
     def has_budget(self) -> bool:

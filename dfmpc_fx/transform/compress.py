@@ -628,8 +628,7 @@ def _planned_extra_bits(inp: LayerInputs, modules: dict[str, nn.Module], cfg: DF
     channel), less the floats of a BatchNorm folded into it."""
     extra = 32.0 * inp.weight.shape[0] if adds_bias(inp, cfg) else 0.0
     if inp.fold_batchnorm:
-        bn = modules[inp.bn_name]
-        extra -= 32.0 * sum(t.numel() for t in [*bn.parameters(), *bn.buffers()] if torch.is_floating_point(t))
+        extra -= 8.0 * _float_bytes(modules[inp.bn_name])
     return extra
 
 
@@ -674,11 +673,10 @@ def _plan_under_budget(
         inp.input_signal_fraction = 1.0 / (1.0 + upstream_noise)
         layer_plan = plan_layer(inp, cfg)
         if choice is not None:
-            upstream_noise += choice.estimate[choice.option.label()]
-        if choice is not None:
             rep = layer_plan.report
             rep.group_size = choice.option.group_size
             rep.estimated_damage = choice.estimate[choice.option.label()]
+            upstream_noise += rep.estimated_damage
             rep.noise_gain = choice.gain
             rep.estimates = choice.estimate
         plans.append(layer_plan)

@@ -229,8 +229,7 @@ def _fold_scales_into_batchnorm(
     s = qw.scale.to(dtype)
     shared = s.log().mean().exp().to(qw.scale.dtype).reshape(1)  # geometric mean, in the storage dtype
     r = s / shared.to(dtype)
-    mean = update.running_mean.to(dtype) if update.running_mean is not None else bn.mean
-    var = update.running_var.to(dtype) if update.running_var is not None else bn.var
+    mean, var, _, _ = _current_batchnorm(bn, update)
     update.running_mean = (mean / r).to(bn.stats_dtype)
     update.running_var = (var / r.square()).to(bn.stats_dtype)
     update.weight = bn.weight * torch.sqrt(var + bn.eps * r.square()) / torch.sqrt(var + bn.eps)
@@ -251,15 +250,23 @@ def adds_bias(inp: LayerInputs, cfg: DFMPCConfig) -> bool:
     return (cfg.mean_correction and inp.mean_trusted) or (inp.partner is not None and cfg.scale_rule == "batchnorm")
 
 
-def batchnorm_multiplier(bn: BatchNormState, update: Optional[BatchNormUpdate] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(m, mean)`` of a BatchNorm (with ``update``'s values where it has them): it computes
-    ``m (y - mean) + beta`` with ``m = gamma / sqrt(var + eps)``."""
+def _current_batchnorm(
+    bn: BatchNormState, update: BatchNormUpdate,
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``(mean, var, gamma, beta)`` of a BatchNorm as the plan leaves it: ``update``'s values
+    where it has them, else the recorded ones (in the working dtype)."""
     pick = lambda new, old: old if new is None else new.to(bn.var.dtype)  # noqa: E731
-    mean = pick(update and update.running_mean, bn.mean)
-    var = pick(update and update.running_var, bn.var)
-    gamma = pick(update and update.weight, bn.weight)
+    return (pick(update.running_mean, bn.mean), pick(update.running_var, bn.var),
+            pick(update.weight, bn.weight), pick(update.bias, bn.bias))
+
+
+def batchnorm_multiplier(bn: BatchNormState, update: BatchNormUpdate) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(m, mean, beta)`` of a BatchNorm as the plan leaves it: it computes
+    ``m (y - mean) + beta`` with ``m = gamma / sqrt(var + eps)``."""
+    mean, var, gamma, beta = _current_batchnorm(bn, update)
     gamma = torch.ones_like(var) if gamma is None else gamma
-    return gamma / torch.sqrt(var + bn.eps), mean
+    beta = torch.zeros_like(var) if beta is None else beta
+    return gamma / torch.sqrt(var + bn.eps), mean, beta
 
 
 def _fold_batchnorm_into_layer(
@@ -269,9 +276,7 @@ def _fold_batchnorm_into_layer(
     is ``(m Q) x + beta + m (b - mean)``, and ``m Q`` is the same codes with each channel's
     scales times ``|m|`` (codes negated where ``m < 0``, so scales stay positive; the graph side
     allows negative ``m`` only for zero-point-free schemes). Scales keep their storage dtype."""
-    m, mean = batchnorm_multiplier(bn, update)
-    beta = update.bias if update.bias is not None else bn.bias
-    beta = torch.zeros_like(m) if beta is None else beta.to(m.dtype)
+    m, mean, beta = batchnorm_multiplier(bn, update)
     b = torch.zeros_like(m) if bias is None else bias.to(m.dtype)
     new_bias = beta + m * (b - mean)
     c_out = m.shape[0]
