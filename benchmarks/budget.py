@@ -5,7 +5,7 @@
     python benchmarks/budget.py --render-only   # re-render from benchmarks/budget_results.json
 
 Rows: FP32; the size-budget allocator (``target_bits`` 2.0 / 2.01 / 2.5 / 3.0 / 4.0, and
-``target_bytes`` at exactly the bytes of MP2/6, uniform corrected W3/W4, HQQ W2 g64 and, with
+``target_bytes`` at exactly the bytes of MP2/6, uniform corrected W2/W3/W4, HQQ W2 g64 and, with
 ``--peers``, AIMET W3/W4: ``alloc@bytes:<row>``; a byte budget folds BatchNorms into the layers,
 as AIMET does); uniform W2/W3/W4 with 8-bit first/last layers, corrected and (W3)
 plain; the MP2/6 and MP3/6 pair layouts; the paper's method at MP2/6; HQQ (PyPI ``hqq``, data-free,
@@ -70,7 +70,7 @@ def rows(peers: bool = False) -> list[dict[str, Any]]:
         out += [{"key": f"{peer}@W{b}", "kind": "peer", "family": PEER_FAMILY, "peer": peer,
                  "config": _uniform(b, compensate=False)} for peer in ("aimet", "brevitas") for b in (3, 4)]
     # the allocator at exactly a rival's bytes (target_bytes: BatchNorms fold, as AIMET's do)
-    matched = ["uniform_corr@W3", "uniform_corr@W4", "hqq@W2g64"] + (["aimet@W3", "aimet@W4"] if peers else [])
+    matched = ["uniform_corr@W2", "uniform_corr@W3", "uniform_corr@W4", "hqq@W2g64"] + (["aimet@W3", "aimet@W4"] if peers else [])
     out += [{"key": f"alloc@bytes:{ref}", "kind": "compress", "family": "allocator", "config": {"target_bytes": ref}}
             for ref in matched]
     return out
