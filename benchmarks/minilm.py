@@ -48,6 +48,10 @@ ROWS: list[tuple[str, dict[str, Any]]] = [
     ("target_bits 3.0", {"target_bits": 3.0}),
     ("target_bits 3.0, no input factors", {"target_bits": 3.0, "input_scales": False}),
     ("target_bits 3.0, group sizes 32/64/128", {"target_bits": 3.0, "group_sizes": (32, 64, 128)}),
+    ("uniform W5", {"default_bits": 5, "first_last_bits": None}),
+    ("target_bits 5.0", {"target_bits": 5.0}),
+    ("uniform W6", {"default_bits": 6, "first_last_bits": None}),
+    ("target_bits 6.0", {"target_bits": 6.0}),
 ]
 
 
