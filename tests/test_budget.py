@@ -72,6 +72,28 @@ def test_allocate_fits_and_is_near_optimal(seed, n_layers, slack):
     assert dmg <= opt * 1.5 + 1e-9 or dmg - opt <= 0.1 * gap  # and usually much closer
 
 
+@given(seed=st.integers(0, 10_000), price=st.sampled_from([0.0, 1e-9, 1e-3, 0.5, 1.0, 7.0, 1e6]))
+@settings(max_examples=60, deadline=None)
+def test_relaxation_pick_matches_the_per_layer_rule(seed, price):
+    """The bisection's vectorised choice is the per-layer rule it replaces: the option of least
+    ``damage + price * size``, the smaller size on ties, then the first (ties are common: equal
+    sizes, zero damage of float options)."""
+    import random
+
+    from dfmpc_fx.numerics.allocation import _OptionTable
+
+    rng = random.Random(seed)
+    costs = []
+    for _ in range(rng.randint(1, 30)):
+        n = rng.randint(1, 7)
+        sizes = [float(rng.choice([rng.randint(1, 50) * 8, rng.random() * 1e5])) for _ in range(n)]
+        damage = [rng.choice([0.0, 1.0, rng.random(), rng.random() * 1e-6]) for _ in range(n)]
+        costs.append(LayerCost("layer", 10, [Candidate(b) for b in range(n)], sizes, damage))
+    expected = [min(range(len(c.options)), key=lambda i: (c.damage[i] + price * c.size_bits[i], c.size_bits[i]))
+                for c in costs]
+    assert _OptionTable(costs).pick(price) == expected
+
+
 def test_allocate_infeasible_names_the_floor():
     c = LayerCost("a", 100, [Candidate(2), Candidate(8)], [232.0, 832.0], [1.0, 0.0])
     with pytest.raises(InfeasibleBudget) as info:
@@ -256,3 +278,20 @@ def test_full_test_set_budget_targets(name, budget, max_drop):
     q = dfmpc_fx.compress(model, target_bits=budget)
     drop = _accuracy(model) - _accuracy(q)
     assert drop <= max_drop, (name, budget, drop)
+
+
+@pytest.mark.parametrize("kw", [{}, {"scale_dtype": "float16"}, {"group_sizes": (32,)}, {"scheme": "asymmetric"},
+                                {"granularity": "per_tensor"}])
+def test_scoring_quantizer_is_the_layers_quantizer(kw):
+    """What the allocator scores an option with is what compress then applies to the layer:
+    batched or not, every option's dequantized rows equal quantize_for's."""
+    from dfmpc_fx.transform.budget import candidates_for, quantize_options
+    from dfmpc_fx.transform.plan import quantize_for
+
+    cfg = dfmpc_fx.DFMPCConfig(target_bits=3.0, **kw)
+    w = torch.randn(16, 24, 3, 3, generator=torch.Generator().manual_seed(3)) * 0.1
+    options = candidates_for("conv", cfg, w[0].numel())
+    for opt, got in zip(options, quantize_options(w, options, cfg, "budget")):
+        ref = quantize_for(w, opt.bits, cfg, opt.group_size, "budget")
+        assert got.scale.dtype == ref.scale.dtype
+        assert torch.equal(got.dequantize(), ref.dequantize()), opt.label()

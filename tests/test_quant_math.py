@@ -321,3 +321,57 @@ def test_paired_reductions_match_the_definitions(shape: tuple, groups: int) -> N
     assert torch.allclose(red.variance_ratio(), cm.quantized_variance_ratio(sq, sr, cm.kernel_cross(q, w), v), atol=1e-10)
     # without input means, no expected outputs
     assert cm.paired_reductions(q, w, v, None, groups).ref_out_mean is None
+
+
+def _odd_rows() -> list[torch.Tensor]:
+    """Rows a row-wise quantizer must handle: trained-like, all-zero, constant, mean-dominated,
+    huge, one weight, long."""
+    g = torch.Generator().manual_seed(7)
+    return [
+        torch.randn(37, 8, 3, 3, generator=g) * 0.05,
+        torch.zeros(4, 9),
+        torch.full((3, 5), 2.0),
+        torch.randn(50, 9, generator=g) * 1e-3 + 1.0,  # |mean| >> spread: the one-pass formula cancels
+        torch.randn(20, 3, generator=g) * 1e6,
+        torch.randn(16, 1, generator=g),
+        torch.randn(16, 4608, generator=g) * 0.02 + 0.003,
+        torch.randn(1, 300, generator=g),
+    ]
+
+
+def test_row_std_equals_torch_std() -> None:
+    """The faster standard deviation the 3/4-bit quantizer starts from is torch.std's, value for
+    value (both float64-accurate, rounded once), on odd rows and on every layer of two torchvision
+    networks; an exact match, or the quantizer's output would move."""
+    import torchvision
+
+    from dfmpc_fx.numerics.quant import row_std
+
+    rows = [w.reshape(w.shape[0], -1) for w in _odd_rows()]
+    for name in ("resnet18", "mobilenet_v3_small"):
+        torch.manual_seed(0)
+        model = torchvision.models.get_model(name, weights=None)
+        rows += [p.detach().reshape(p.shape[0], -1) for p in model.parameters() if p.dim() >= 2]
+    for r in rows:
+        assert torch.equal(row_std(r), r.std(dim=1, correction=0)), tuple(r.shape)
+
+
+@pytest.mark.parametrize("widths", [[2, 3, 4, 5, 6, 8], [3], [8, 2, 6, 4], [5, 8], [4, 4]])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_quantize_uniform_widths_equals_one_call_per_width(widths: list[int], threads: int) -> None:
+    """The allocator's batched scoring quantizer gives, bit for bit, what quantize_uniform gives
+    width by width (codes, scales, dequantized weights), with 1 or 2 threads."""
+    from dfmpc_fx.numerics.quant import quantize_uniform_widths
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for w in _odd_rows():
+            for got, b in zip(quantize_uniform_widths(w, widths), widths):
+                ref = quantize_uniform(w, b)
+                assert got.bits == b and got.scheme == ref.scheme
+                assert torch.equal(got.codes, ref.codes), (tuple(w.shape), b)
+                assert torch.equal(got.scale, ref.scale), (tuple(w.shape), b)
+                assert torch.equal(got.dequantize(), ref.dequantize())
+    finally:
+        torch.set_num_threads(before)

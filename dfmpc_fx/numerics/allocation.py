@@ -124,9 +124,29 @@ class _RowReference:
         return [float(v) for v in (noise[:, ok] / self.signal[ok]).mean(dim=1)]
 
 
-def _pick(costs: Sequence[LayerCost], price: float) -> list[int]:
-    return [min(range(len(c.options)), key=lambda i: (c.damage[i] + price * c.size_bits[i], c.size_bits[i]))
-            for c in costs]
+class _OptionTable:
+    """Every layer's option sizes and damages as ``(layers, options)`` float64 tables (padded
+    with infinity), so the relaxation's per-layer choice at a price is a few tensor operations
+    instead of a Python loop over every option (it runs once per bisection step)."""
+
+    def __init__(self, costs: Sequence[LayerCost]) -> None:
+        n_opt = max(len(c.options) for c in costs)
+        inf = float("inf")
+        self.size = torch.tensor([c.size_bits + [inf] * (n_opt - len(c.options)) for c in costs], dtype=torch.float64)
+        self.damage = torch.tensor([c.damage + [0.0] * (n_opt - len(c.options)) for c in costs], dtype=torch.float64)
+        self.valid = torch.isfinite(self.size)
+        self.index = torch.arange(n_opt).expand_as(self.size)
+
+    def pick(self, price: float) -> list[int]:
+        """As ``min(options, key=(damage + price * size, size))`` per layer, first on ties (the
+        same float64 operations, so the same choice)."""
+        key = torch.where(self.valid, self.damage + price * self.size, float("inf"))
+        best = key == key.amin(dim=1, keepdim=True)
+        size = torch.where(best, self.size, float("inf"))
+        best &= size == size.amin(dim=1, keepdim=True)
+        return torch.where(best, self.index, self.index.shape[1]).amin(dim=1).tolist()
+
+
 
 
 def _total(costs: Sequence[LayerCost], choice: Sequence[int]) -> float:
@@ -140,23 +160,24 @@ def allocate(costs: Sequence[LayerCost], budget_bits: float) -> list[int]:
     floor = _total(costs, smallest)
     if floor > budget_bits * (1 + 1e-12):
         raise InfeasibleBudget(budget_bits, floor)
-    best = _pick(costs, 0.0)
+    table = _OptionTable(costs)
+    best = table.pick(0.0)
     if _total(costs, best) <= budget_bits:
         return best
     lo, hi = 0.0, 1.0
-    while _total(costs, _pick(costs, hi)) > budget_bits:
+    while _total(costs, table.pick(hi)) > budget_bits:
         hi *= 4.0
         if hi > 1e30:
             return smallest
     for _ in range(60):  # bisection on the price of a bit
         mid = 0.5 * (lo + hi)
-        if _total(costs, _pick(costs, mid)) > budget_bits:
+        if _total(costs, table.pick(mid)) > budget_bits:
             lo = mid
         else:
             hi = mid
     # Two answers, the better one wins: the relaxation's feasible side filled up greedily and
     # improved by local search, and a dynamic programme on a thinned frontier.
-    finished = [_exchange(costs, _fill(costs, _pick(costs, hi), budget_bits), budget_bits), _frontier(costs, budget_bits)]
+    finished = [_exchange(costs, _fill(costs, table.pick(hi), budget_bits), budget_bits), _frontier(costs, budget_bits)]
     return min(finished, key=lambda c: (sum(cost.damage[i] for cost, i in zip(costs, c)), _total(costs, c)))
 
 
@@ -294,7 +315,7 @@ def estimate_layer(
     name: str,
     weight: torch.Tensor,
     options: Sequence[Candidate],
-    quantize: Callable[[torch.Tensor, Candidate], torch.Tensor],
+    quantize: Callable[[torch.Tensor, Sequence[Candidate]], list[torch.Tensor]],
     in_var_per_weight: Optional[torch.Tensor],
     ref_var: Optional[torch.Tensor],
     scheme: str,
@@ -303,7 +324,8 @@ def estimate_layer(
     folded: bool = False,
 ) -> LayerCost:
     """:class:`LayerCost` of one layer: each option's size and its noise-to-signal ratio on a
-    sample of rows. ``quantize(rows, option)`` returns the dequantized rows (same shape);
+    sample of rows. ``quantize(rows, options)`` returns the dequantized rows (same shape) of
+    each option (one call for all of them: batched, where it can be, by the caller);
     ``in_var_per_weight`` is ``(C_out, K)``, ``(K,)`` or None; ``folded`` as :func:`option_bits`."""
     rows = sample_rows(weight.shape[0], max_rows)
     w = weight[rows]
@@ -317,7 +339,7 @@ def estimate_layer(
     quantized = [i for i, opt in enumerate(options) if opt.bits is not None]
     damage = [0.0] * len(options)  # a float option leaves no rounding noise
     if quantized:
-        qs = torch.stack([quantize(w, options[i]).reshape(flat.shape) for i in quantized])
+        qs = torch.stack([q.reshape(flat.shape) for q in quantize(w, [options[i] for i in quantized])])
         for i, d in zip(quantized, reference.ratios(qs)):
             damage[i] = d
     return LayerCost(name, weight.numel(), list(options), sizes, damage)

@@ -23,6 +23,8 @@ __all__ = [
     "expand_groups",
     "SCALE_DTYPES",
     "column_view",
+    "row_std",
+    "quantize_uniform_widths",
 ]
 
 #: Storage dtypes of scales and zero points: float32 (the weight's dtype, exact) or float16
@@ -115,6 +117,28 @@ def _check_weight(w: torch.Tensor, bits: int) -> None:
         raise ValueError(f"bits={bits} out of range 2..16")
 
 
+def row_std(rows: torch.Tensor) -> torch.Tensor:
+    """Population standard deviation of each row of a 2-D float tensor, as ``rows.std(dim=1,
+    correction=0)`` gives it: both accumulate in float64 and round once to the rows' dtype
+    (equal on every row of torchvision's resnet50 and of the committed checkpoints), but from two
+    plain float64 reductions (sum, sum of squares) instead of a Welford pass, about 4x faster on
+    CPU. Rows whose mean dominates their spread (``E[x^2] > 16 Var``), where the one-pass formula
+    would cancel, take ``torch.std`` itself."""
+    if rows.dtype != torch.float32 or rows.shape[1] == 0:
+        return rows.std(dim=1, correction=0)
+    k = rows.shape[1]
+    wide = rows.to(torch.float64)
+    mean = wide.sum(dim=1).div_(k)
+    mean_sq = torch.linalg.vector_norm(wide, dim=1).square_().div_(k)
+    var = mean_sq - mean * mean
+    out = var.clamp_min(0.0).sqrt_().to(rows.dtype)
+    risky = mean_sq > 16.0 * var
+    if bool(risky.any()):
+        idx = risky.nonzero().reshape(-1)
+        out[idx] = rows[idx].std(dim=1, correction=0)
+    return out
+
+
 def _quantize_rows(
     rows: torch.Tensor, bits: int, symmetric: bool, refine_iters: int, grouped: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -128,7 +152,7 @@ def _quantize_rows(
                 # TWN's threshold rule: round at 0.7 E|w|, i.e. step 1.4 E|w|.
                 scale = rows.abs().mean(dim=1) * 1.4
             else:
-                scale = rows.std(dim=1, correction=0) * _GAUSSIAN_STEP[bits]
+                scale = row_std(rows) * _GAUSSIAN_STEP[bits]
         else:
             # max |w| as max(max w, -min w): two plain reductions are 3x faster here than
             # |w| then max, and 10x faster than aminmax along a dim
@@ -292,6 +316,80 @@ def quantize_uniform(
         scheme="symmetric" if symmetric else "asymmetric",
         group_size=group_size,
     )
+
+
+def quantize_uniform_widths(w: torch.Tensor, widths: list[int]) -> list[QuantizedWeight]:
+    """``[quantize_uniform(w, b) for b in widths]`` (symmetric, per channel, default refinement),
+    equal to it bit for bit, in one batched pass over ``len(widths)`` stacked copies of the rows.
+
+    The allocator scores every candidate width on a small sample of rows, where each quantizer
+    call is dominated by per-operation overhead, not arithmetic: one stacked call costs about a
+    width's worth of calls instead of six. Every step is row-wise (a scale per row, elementwise
+    rounding, row reductions), so stacking changes no row's result; the clamp that only the
+    Gaussian-start widths apply is a no-op on max-abs rows (``|w| / (max|w| / qmax) <= qmax``).
+    (One call on 16 sampled rows costs 0.13-1.1 ms on a 2-core CPU, almost all of it overhead.)
+    """
+    if not widths:
+        return []
+    for b in widths:
+        _check_weight(w, b)
+    rows = w.detach().reshape(w.shape[0], -1)
+    c = rows.shape[0]
+    if c < torch.get_num_threads():
+        # fewer rows than threads: torch splits a row's own reduction across threads, and that
+        # split depends on how many rows there are, so stacking could move a scale by an ulp
+        return [quantize_uniform(w, b) for b in widths]
+    stats: dict[str, torch.Tensor] = {}
+
+    def stat(key: str) -> torch.Tensor:
+        if key not in stats:
+            if key == "absmean":
+                stats[key] = rows.abs().mean(dim=1)
+            elif key == "std":
+                stats[key] = row_std(rows)
+            else:
+                stats[key] = torch.maximum(rows.amax(dim=1), rows.amin(dim=1).neg())
+        return stats[key]
+
+    # refined widths (the default: 2 iterations at <= 4 bits) first, so they are one slice
+    order = sorted(range(len(widths)), key=lambda i: widths[i] > 4)
+    n_refined = sum(1 for b in widths if b <= 4)
+    starts = []
+    for i in order:  # the starting scale of _quantize_rows, width by width
+        b = widths[i]
+        if b == 2:
+            starts.append(stat("absmean") * 1.4)
+        elif b in _GAUSSIAN_STEP:
+            starts.append(stat("std") * _GAUSSIAN_STEP[b])
+        else:
+            starts.append(stat("maxabs") / (2 ** (b - 1) - 1))
+    scale = torch.cat(starts)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    stacked = rows.repeat(len(widths), 1)
+    codes = torch.div(stacked, scale[:, None]).round_()
+
+    def clamp_blocks(t: torch.Tensor, count: int) -> None:
+        for j in range(count):  # one scalar clamp per width: broadcast bounds cost more
+            qmax = 2 ** (widths[order[j]] - 1) - 1
+            t[j * c:(j + 1) * c].clamp_(-qmax, qmax)
+
+    clamp_blocks(codes, len(widths))
+    if n_refined:
+        end = n_refined * c
+        sub_rows, sub_codes, sub_scale = stacked[:end], codes[:end], scale[:end]
+        for _ in range(2):
+            qq = torch.linalg.vector_norm(sub_codes, dim=1).square_()
+            new_scale = torch.linalg.vecdot(sub_rows, sub_codes, dim=1) / qq.clamp_min(1.0)
+            sub_scale = torch.where((qq > 0) & (new_scale > 0), new_scale, sub_scale)
+            torch.div(sub_rows, sub_scale[:, None], out=sub_codes).round_()
+            clamp_blocks(sub_codes, n_refined)
+        scale[:end] = sub_scale
+    out: list[Optional[QuantizedWeight]] = [None] * len(widths)
+    for j, i in enumerate(order):
+        s_j = scale[j * c:(j + 1) * c]
+        out[i] = QuantizedWeight(codes=codes[j * c:(j + 1) * c].reshape(w.shape), scale=s_j.to(w.dtype),
+                                 zero_point=torch.zeros_like(s_j).to(w.dtype), bits=widths[i], scheme="symmetric")
+    return out
 
 
 def quantize_ternary_twn(w: torch.Tensor, *, per_channel: bool = False) -> QuantizedWeight:

@@ -12,10 +12,11 @@ import torch
 from ..config import DFMPCConfig
 from ..errors import ConfigError
 from ..numerics.allocation import Candidate, InfeasibleBudget, LayerCost, allocate, estimate_layer, price_of_bit
+from ..numerics.quant import QuantizedWeight, quantize_uniform_widths
 from .input_scaling import input_factors_for
 from .plan import LayerInputs, quantize_for
 
-__all__ = ["BudgetChoice", "choose_widths", "candidates_for", "DefaultBudgetWarning", "layer_costs", "solve_widths"]
+__all__ = ["BudgetChoice", "choose_widths", "candidates_for", "DefaultBudgetWarning", "layer_costs", "quantize_options", "solve_widths"]
 
 
 class DefaultBudgetWarning(UserWarning):
@@ -40,6 +41,24 @@ def candidates_for(name: str, cfg: DFMPCConfig, row_len: int) -> list[Candidate]
         return [Candidate(cfg.fixed_bits[name], None)]
     groups = [g for g in cfg.group_sizes if g < row_len]
     return [Candidate(b, g) for b in sorted(set(cfg.candidate_bits)) for g in [None, *groups]]
+
+
+def quantize_options(rows: torch.Tensor, options: list[Candidate], cfg: DFMPCConfig,
+                     role: Optional[str] = None) -> list[QuantizedWeight]:
+    """``[quantize_for(rows, o.bits, cfg, o.group_size, role) for o in options]``, with the
+    per-channel widths of the default quantizer (``method="dfmpc"``, symmetric, per channel)
+    batched into one call (:func:`dfmpc_fx.numerics.quant.quantize_uniform_widths`, equal bit for
+    bit); grouped options and the other quantizers go one by one."""
+    batched = [i for i, o in enumerate(options) if o.group_size is None and o.bits is not None] \
+        if cfg.method == "dfmpc" and cfg.scheme == "symmetric" and cfg.granularity == "per_channel" else []
+    out: list[Optional[QuantizedWeight]] = [None] * len(options)
+    if len(batched) > 1:
+        for i, qw in zip(batched, quantize_uniform_widths(rows, [options[i].bits for i in batched])):
+            out[i] = qw.with_scale_dtype(torch.float16) if cfg.scale_bits == 16 else qw
+    for i, o in enumerate(options):
+        if out[i] is None:
+            out[i] = quantize_for(rows, o.bits, cfg, o.group_size, role)
+    return out
 
 
 def _input_variance_per_weight(inp: LayerInputs) -> Optional[torch.Tensor]:
@@ -75,8 +94,8 @@ def layer_costs(
         row_len = inp.weight[0].numel()
         options = candidates_for(name, cfg, row_len)
 
-        def quantize(rows: torch.Tensor, opt: Candidate) -> torch.Tensor:
-            return quantize_for(rows, opt.bits, cfg, opt.group_size, inp.role).dequantize()
+        def quantize(rows: torch.Tensor, opts: list[Candidate]) -> list[torch.Tensor]:
+            return [q.dequantize() for q in quantize_options(rows, opts, cfg, inp.role)]
 
         cost = estimate_layer(
             name, inp.weight, options, quantize, _input_variance_per_weight(inp),
