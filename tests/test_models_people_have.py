@@ -434,6 +434,80 @@ def test_untraceable_model_by_parts_on_request() -> None:
     assert rel(q(x), model(x)) < 0.5
 
 
+class _UntraceableBN(nn.Module):
+    """conv -> BatchNorm -> ReLU parts under a forward that fx cannot trace (a data-dependent branch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(32, 64, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                                   nn.Conv2d(64, 64, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+        self.head = nn.Linear(64, 10)
+        g = torch.Generator().manual_seed(0)
+        for bn in self.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.running_mean.normal_(0, 0.5, generator=g)
+                bn.running_var.uniform_(0.5, 2.0, generator=g)
+                bn.weight.data.uniform_(0.5, 1.5, generator=g)
+                bn.bias.data.normal_(generator=g)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = -x
+        return self.head(self.block(self.stem(x)).mean((2, 3)))
+
+
+def test_parts_budget_gets_input_factors_and_folds_batchnorm() -> None:
+    """Part by part, a size budget gets what a whole-model budget gets: input factors where they
+    pay (their bytes charged to the one knapsack), and under target_bytes BatchNorms folded into
+    their layers with the bytes they free (and the biases the plans add) counted."""
+    torch.manual_seed(0)
+    model = _UntraceableBN().eval()
+    x = torch.randn(4, 3, 16, 16)
+    q = dfmpc_fx.compress(model, target_bits=4.0, untraceable="parts")
+    report = get_report(q)
+    assert any("all parts at once" in w for w in report.warnings)
+    assert report.bits_per_weight <= 4.0 + 1e-9
+    with_factors = [l.name for l in report.layers if l.input_scale_exponent]
+    assert with_factors, [(l.name, l.bits, l.input_scale_exponent) for l in report.layers]
+    assert rel(q(x), model(x)) < 0.1
+    budget = report.compressed_bytes
+    qb = dfmpc_fx.compress(model, target_bytes=budget, untraceable="parts")
+    rb = get_report(qb)
+    assert rb.compressed_bytes <= budget
+    assert {l.batchnorm_folded for l in rb.layers if l.name != "head"} == {"1", "4"}
+    assert isinstance(qb.block[1], nn.Identity) and isinstance(model.block[1], nn.BatchNorm2d)
+    assert rel(qb(x), model(x)) < 0.1
+
+
+class _UntraceableNoBias(nn.Module):
+    """Bias-free convs with no BatchNorm, under an untraceable forward: mean correction gives
+    each of them a bias, which a byte budget must count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 32, 3, bias=False), nn.ReLU(), nn.Conv2d(32, 64, 3, bias=False), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(64, 64, 3, bias=False), nn.ReLU())
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = -x
+        return self.head(self.b(self.a(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("budget", [24700, 25400, 26800, 29600, 33800, 38700])
+def test_parts_byte_budget_counts_the_biases_corrections_add(budget: int) -> None:
+    """Part by part, target_bytes was exceeded by the biases the corrections add to bias-free
+    layers (at these budgets by 76-620 bytes): the pool now counts them."""
+    torch.manual_seed(0)
+    model = _UntraceableNoBias().eval()
+    q = dfmpc_fx.compress(model, untraceable="parts", target_bytes=budget)
+    report = get_report(q)
+    assert report.compressed_bytes <= budget
+    assert all(l.mean_shift is not None for l in report.layers if l.name != "head")
+
+
 def test_markdown_lists_the_reasons() -> None:
     md = get_report(dfmpc_fx.compress(FunctionalAttn().eval(), concrete_args={"embed": False})).to_markdown()
     assert "| qkv | fp32 | weight used through a functional call (get_attr), kept in float |" in md

@@ -16,7 +16,7 @@ from ..numerics.quant import QuantizedWeight, quantize_uniform_widths
 from .input_scaling import input_factors_for
 from .plan import LayerInputs, quantize_for
 
-__all__ = ["BudgetChoice", "choose_widths", "candidates_for", "DefaultBudgetWarning", "layer_costs", "quantize_options", "solve_widths"]
+__all__ = ["BudgetChoice", "choose_widths", "candidates_for", "DefaultBudgetWarning", "layer_costs", "quantize_options", "reserve_input_factors", "solve_widths"]
 
 
 class DefaultBudgetWarning(UserWarning):
@@ -172,36 +172,48 @@ def choose_widths(
     """
     costs, raw = layer_costs(inputs, cfg, gains)
     choices = solve_widths(costs, raw, gains, cfg, fixed_weight_bits, all_weights, fixed_other_bits, notes)
+    choices, reserved = reserve_input_factors(inputs, [inp.name for inp in inputs], costs, raw, choices, gains, cfg,
+                                              fixed_weight_bits, all_weights, fixed_other_bits, notes)
+    for inp in inputs:
+        inp.input_scale_reserved = inp.name in reserved
+    return choices
+
+
+def reserve_input_factors(
+    inputs: list[LayerInputs], names: list[str], costs: list[LayerCost], raw: dict[str, list[float]],
+    choices: dict[str, BudgetChoice], gains: dict[str, float], cfg: DFMPCConfig, fixed_weight_bits: float,
+    all_weights: int, fixed_other_bits: float, notes: Optional[list[str]] = None,
+) -> tuple[dict[str, BudgetChoice], set[str]]:
+    """Steps 2-4 of a budget with input factors, after :func:`solve_widths` chose ``choices``:
+    at the widths just chosen, a layer keeps its factors where the damage they remove beats what
+    their bytes would buy as more bits (:func:`price_of_bit`); the knapsack is then solved again
+    with those bytes charged (the estimate itself stays without factors: see
+    :mod:`dfmpc_fx.transform.input_scaling`). Returns the final choices and the cost names of
+    the layers whose factors are charged (the others get none). ``names``: the cost name of each
+    of ``inputs`` (its qualified name when a model is compressed part by part); ``gains`` and
+    the rest as :func:`solve_widths`."""
     if not cfg.uses_input_scales:
-        return choices
-    # Input factors: at the widths just chosen, a layer keeps its factors where the damage they
-    # remove beats what their bytes would buy as more bits (price_of_bit); the knapsack is then
-    # solved again with those bytes charged (the estimate itself stays without factors: see
-    # dfmpc_fx.transform.input_scaling). The other layers get none.
+        return choices, set()
     price = price_of_bit(costs, [c.options.index(choices[c.name].option) for c in costs])
     extra: dict[str, int] = {}
     by_name = {c.name: c for c in costs}
-    for inp in inputs:
-        option = choices[inp.name].option
-        cost = by_name[inp.name]
+    for inp, name in zip(inputs, names):
+        option = choices[name].option
+        cost = by_name[name]
         cost_bits = inp.weight.shape[1] * cfg.scale_bits  # one factor per input channel
-        inp.input_scale_reserved = False
         # factors cannot remove more damage than the layer has left: skip choosing them there
         if cost.damage[cost.options.index(option)] <= price * cost_bits:
             continue
         got = input_factors_for(inp, cfg, option.bits, option.group_size)
         # damage in the knapsack's units: the estimate's rows are a sample of the layer's
-        if got is not None and got.factors is not None and got.saved * gains.get(inp.name, 1.0) > price * cost_bits:
-            inp.input_scale_reserved = True
-            extra[inp.name] = cost_bits
+        if got is not None and got.factors is not None and got.saved * gains.get(name, 1.0) > price * cost_bits:
+            extra[name] = cost_bits
     if not extra:
-        return choices
+        return choices, set()
     charged = [LayerCost(c.name, c.numel, c.options,
                          [s + extra.get(c.name, 0) if o.bits is not None else s for s, o in zip(c.size_bits, c.options)],
                          c.damage) for c in costs]
     floor = sum(min(c.size_bits) for c in charged)
     if floor > _budget_bits(cfg, fixed_weight_bits, all_weights, fixed_other_bits):
-        for inp in inputs:  # the factors do not fit next to the smallest widths: none
-            inp.input_scale_reserved = False
-        return choices
-    return solve_widths(charged, raw, gains, cfg, fixed_weight_bits, all_weights, fixed_other_bits, notes)
+        return choices, set()  # the factors do not fit next to the smallest widths: none
+    return solve_widths(charged, raw, gains, cfg, fixed_weight_bits, all_weights, fixed_other_bits, notes), set(extra)

@@ -27,7 +27,7 @@ from ..numerics.compensation import ChannelMoments
 from ..config import LAYOUT_FIELDS, DFMPCConfig
 from ..errors import CompressedModelError, ConfigError, InvalidModelError, TraceError
 from .apply import apply_plans
-from .budget import BudgetChoice, DefaultBudgetWarning, choose_widths, layer_costs, solve_widths
+from .budget import BudgetChoice, DefaultBudgetWarning, choose_widths, layer_costs, reserve_input_factors, solve_widths
 from .input_scaling import assign_input_scales
 from .modules import is_quant_module, quantized_layer_bits, quantized_layer_bytes, to_quant_module
 from .plan import BatchNormState, LayerInputs, LayerPlan, adds_bias, plan_layer, quantize_for
@@ -286,7 +286,11 @@ class _PartsBudget:
     costs: list[LayerCost] = field(default_factory=list)
     raw: dict[str, list[float]] = field(default_factory=dict)
     gains: dict[str, float] = field(default_factory=dict)
+    inputs: list[LayerInputs] = field(default_factory=list)  # first pass: for the input-factor step
+    names: list[str] = field(default_factory=list)  # their qualified names
+    extra_bits: float = 0.0  # biases the plans add, less folded BatchNorms (_planned_extra_bits)
     choices: Optional[dict[str, BudgetChoice]] = None
+    reserved: set[str] = field(default_factory=set)  # layers whose input factors are charged
 
     def qualified(self, local: str) -> str:
         return self.part if self.bare else f"{self.part}.{local}"
@@ -352,8 +356,14 @@ def _compress_by_parts(model: nn.Module, cfg: DFMPCConfig, leaf_modules: tuple, 
             visit(structural_copy(model).eval(), "")  # first pass: every part's layer costs
             quantized = sum(c.numel for c in pool.costs)
             weight_count = _weight_count(model)
-            pool.choices = solve_widths(pool.costs, pool.raw, pool.gains, cfg, 32.0 * (weight_count - quantized),
-                                        weight_count, 8.0 * _float_bytes(model) - 32.0 * weight_count, report_warnings)
+            fixed_weight_bits = 32.0 * (weight_count - quantized)
+            other_bits = 8.0 * _float_bytes(model) - 32.0 * weight_count + pool.extra_bits
+            choices = solve_widths(pool.costs, pool.raw, pool.gains, cfg, fixed_weight_bits, weight_count, other_bits,
+                                   report_warnings)
+            pool.choices, pool.reserved = reserve_input_factors(
+                pool.inputs, pool.names, pool.costs, pool.raw, choices, pool.gains, cfg, fixed_weight_bits,
+                weight_count, other_bits, report_warnings)
+            pool.inputs = []  # the first pass's weights are no longer needed
             visit(result, "")  # second pass: each part with its layers' share of the one allocation
         finally:
             _PARTS_BUDGET.reset(token)
@@ -587,8 +597,7 @@ def _layer_inputs(
     bn_name = None
     if plan.bits[name] is not None and call_counts[name] == 1:
         bn_name = pair.bn if pair is not None else _following_batchnorm(node, modules, call_counts)
-    fold_bn = (cfg.folds_batchnorm and bn_name is not None and _PARTS_BUDGET.get() is None
-               and _can_fold_batchnorm(layer, modules[bn_name], cfg))
+    fold_bn = cfg.folds_batchnorm and bn_name is not None and _can_fold_batchnorm(layer, modules[bn_name], cfg)
     return LayerInputs(
         name=name, kind=type(layer).__name__, role=plan.roles[name], bits=plan.bits[name], weight=ref,
         bias=bias, groups=groups, in_moments=in_m,
@@ -660,9 +669,14 @@ def _plan_under_budget(
         pool.costs += costs
         pool.raw.update(raw)
         pool.gains.update((q, gains.get(inp.name, 1.0)) for q, inp in zip(names, quantizable))
+        pool.inputs += quantizable
+        pool.names += names
+        pool.extra_bits += sum(_planned_extra_bits(inp, modules, cfg) for inp in quantizable)
         choices = {}
     else:
         choices = {inp.name: pool.choices[pool.qualified(inp.name)] for inp in quantizable}
+        for inp in quantizable:
+            inp.input_scale_reserved = pool.qualified(inp.name) in pool.reserved
     plans = []
     upstream_noise = 0.0  # estimated noise-to-signal of the layers planned so far, summed (graph order)
     for inp in inputs:
