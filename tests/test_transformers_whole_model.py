@@ -3,6 +3,7 @@ attention, one size budget (also over parts), and the MiniLM targets (opt-in).""
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 
 import pytest
@@ -58,6 +59,57 @@ def test_attention_context_takes_the_value_moments_when_shapes_are_known() -> No
     assert m is None and reason
 
 
+class _EagerBlock(_SdpaBlock):
+    """The same block with attention written out, as HF's eager attention and timm's non-fused
+    path write it: matmul, scale, mask, softmax over the last dim, dropout, matmul with v."""
+
+    def __init__(self, softmax_dim: int = -1, **kw) -> None:
+        super().__init__(**kw)
+        self.softmax_dim = softmax_dim
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln(x)
+        b, t, c = h.shape
+        q, k, v = (p(h).view(b, t, -1, c // self.heads).transpose(1, 2) for p in (self.q, self.k, self.v))
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(c // self.heads)
+        probs = self.drop(F.softmax(scores, dim=self.softmax_dim, dtype=torch.float32).to(q.dtype))
+        ctx = (probs @ v).transpose(1, 2).contiguous().reshape(b, t, c)
+        return self.o(ctx)[:, 0]
+
+
+def test_eager_attention_context_takes_the_value_moments() -> None:
+    """softmax(q k^T) @ v written out gets what scaled_dot_product_attention gets: v's moments at
+    the output projection; a softmax over another dim does not (its rows do not sum to one over
+    the tokens the matmul sums), and keeps the output projection's moments unknown."""
+    model = _EagerBlock().eval()
+    gm = trace_with_example(model, {"x": torch.randn(2, 5, 16)})
+    inputs = layer_input_moments(gm, estimate_moments(gm))
+    ln = inputs["v"][0]
+    v_out = cm.layer_output_moments(model.v.weight.detach().to(D), model.v.bias.detach().to(D), ln)
+    o_in, src = inputs["o"]
+    assert o_in is not None, src
+    assert torch.allclose(o_in.mean, v_out.mean) and torch.allclose(o_in.var, v_out.var)
+    sdpa = _SdpaBlock().eval()  # the block is the SDPA block written out
+    sdpa.load_state_dict(model.state_dict())
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        assert torch.allclose(model(x), sdpa(x), atol=1e-5)
+    # the allocator's noise gains: the same shares for q, k, v as scaled_dot_product_attention's
+    from dfmpc_fx.graph.sensitivity import output_noise_gains
+
+    def gains(m):
+        g = trace_with_example(m, {"x": torch.randn(2, 5, 16)})
+        return output_noise_gains(g, estimate_moments(g).moments)
+
+    eager_gains, sdpa_gains = gains(model), gains(sdpa)
+    assert eager_gains == pytest.approx(sdpa_gains) and eager_gains["v"] > eager_gains["q"]
+    wrong = _EagerBlock(softmax_dim=-2).eval()
+    gm = trace_with_example(wrong, {"x": torch.randn(2, 5, 16)})
+    m, reason = layer_input_moments(gm, estimate_moments(gm))["o"]
+    assert m is None and "matmul" in reason
+
+
 def test_example_trace_runs_nothing_on_the_users_model_and_keeps_names() -> None:
     model = _SdpaBlock().eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -66,17 +118,23 @@ def test_example_trace_runs_nothing_on_the_users_model_and_keeps_names() -> None
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def _tiny_bert():
+def _tiny_bert(attn_implementation: str | None = None):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
+    extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     cfg = transformers.BertConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=128, max_position_embeddings=32)
-    return transformers.BertModel(cfg).eval()
+                                  intermediate_size=128, max_position_embeddings=32, **extra)
+    model = transformers.BertModel(cfg).eval()
+    if attn_implementation is not None:
+        assert model.config._attn_implementation == attn_implementation
+    return model
 
 
 @pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers not installed")
-def test_bert_model_is_compressed_whole_with_moments_at_every_linear() -> None:
-    bert = _tiny_bert()
+@pytest.mark.parametrize("attn", [None, "eager"])
+def test_bert_model_is_compressed_whole_with_moments_at_every_linear(attn) -> None:
+    """Default (SDPA) and eager attention alike: every Linear gets propagated input moments."""
+    bert = _tiny_bert(attn)
     ids = torch.randint(0, 64, (2, 9))
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0

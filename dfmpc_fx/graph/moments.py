@@ -304,6 +304,63 @@ def _head_op(node: Node, x: Optional[ChannelMoments], xl: Optional[str], get: Ca
     return None
 
 
+MATMUL_TARGETS = (torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm")
+_SOFTMAX = (F.softmax, torch.softmax, "softmax")
+#: Ops between a softmax and the matmul that applies it which keep its rows summing to one.
+_PROBABILITY_PASS_FUNCTIONS = (F.dropout, torch.dropout)
+_PROBABILITY_PASS_METHODS = ("contiguous", "to", "type_as", "float", "half", "bfloat16")
+
+
+def _is_last_dim(dim: Any, node: Node) -> bool:
+    if not isinstance(dim, int):
+        return False
+    if dim == -1:
+        return True
+    shape = _shape(node)
+    return shape is not None and dim == len(shape) - 1
+
+
+def why_not_attention_weights(node: object, modules: dict[str, nn.Module]) -> Optional[str]:
+    """None if ``node`` is a softmax over its last dim (through dropout and dtype casts, which
+    keep each row a set of weights summing to one), else why not."""
+    while isinstance(node, Node):
+        if node.op == "call_module" and isinstance(modules.get(str(node.target)), (nn.Dropout, nn.Identity)):
+            node = node.args[0]
+        elif (node.op == "call_function" and node.target in _PROBABILITY_PASS_FUNCTIONS) or \
+                (node.op == "call_method" and node.target in _PROBABILITY_PASS_METHODS):
+            node = node.args[0]
+        elif node.op == "call_module" and isinstance(modules.get(str(node.target)), nn.Softmax):
+            return None if _is_last_dim(modules[str(node.target)].dim, node) else "softmax not over the last dim"
+        elif (node.op == "call_function" and node.target in _SOFTMAX[:2]) or \
+                (node.op == "call_method" and node.target == "softmax"):
+            return None if _is_last_dim(_arg(node, 1, "dim", None), node) else "softmax not over the last dim"
+        else:
+            return "left operand is not a softmax"
+    return "left operand is not a graph value"
+
+
+def _attention_context(node: Node, modules: dict[str, nn.Module], get: Callable[[object], Optional[ChannelMoments]],
+                       lay: Callable[[object], Optional[str]]) -> Optional[tuple[ChannelMoments, Optional[str]]]:
+    """Eager attention, ``softmax(q k^T / s + mask, dim=-1) @ v`` (HF's ``attn_implementation=
+    "eager"``, timm's non-fused attention): the same rule as ``scaled_dot_product_attention``
+    (each output row is a convex combination of rows of ``v``, so ``v``'s moments, the variance
+    an upper bound), where the left operand is a softmax over its last dim (the dim the matmul
+    sums over) and ``v`` keeps its features in its last dim. None: not that pattern."""
+    if node.target not in MATMUL_TARGETS or len(node.args) < 2 or node.kwargs:
+        return None
+    probs, v_arg = node.args[0], node.args[1]
+    v, vl = get(v_arg), lay(v_arg)
+    if v is None or why_not_attention_weights(probs, modules) is not None:
+        return None
+    heads = _heads(vl)
+    v_shape = _shape(v_arg)
+    if vl == FEATURE and (v_shape is None or len(v_shape) >= 2):
+        return v, FEATURE
+    if heads is not None and v_shape is not None and heads[1] == len(v_shape) - 1 and heads[0] < len(v_shape) - 2:
+        return v, vl  # (..., H, T, D): the token dim is summed over, heads and features stay
+    return None
+
+
 def _number(v: Any) -> Optional[float]:
     return float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else None
 
@@ -437,6 +494,8 @@ def estimate_moments(gm: GraphModule, input_mean: float = 0.0, input_std: float 
                 reason = f"{desc}: functional PReLU (slopes not known here)"
             elif (head := _head_op(node, x, xl, get, lay)) is not None:
                 out, layout = head
+            elif (ctx := _attention_context(node, modules, get, lay)) is not None:
+                out, layout = ctx
             elif (not method and (target in HOMOGENEOUS_FUNCTIONS or target in FLATTEN_FUNCTIONS)) or \
                     (method and (target in HOMOGENEOUS_METHODS or target in FLATTEN_METHODS)):
                 out, reason = x, upstream

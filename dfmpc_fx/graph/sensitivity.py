@@ -9,6 +9,8 @@ from the output, each op maps a relative noise at its input to one at its output
 - ``scaled_dot_product_attention(q, k, v)``: the output is linear in ``v``; noise on ``q`` or
   ``k`` only reweights value rows, so they get ``QUERY_KEY_GAIN`` of ``v``'s share (the three
   shares sum to one: q, k, v projected from one tensor pass that tensor's gain on unchanged);
+- eager attention, ``softmax(q k^T / s, dim=-1) @ v``: the weights get ``QUERY_KEY_GAIN`` of
+  ``v``'s share, which ``q k^T`` passes on to q and to k each (so q, k, v get what SDPA gives);
 - everything else (layers, normalisations, activations, pooling, reshapes) passes the ratio on
   at unit gain; fan-out adds the paths' gains.
 
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from ..numerics.compensation import ChannelMoments
+from .moments import MATMUL_TARGETS, why_not_attention_weights
 from .pairs import WEIGHTED_MODULES
 
 __all__ = ["output_noise_gains", "QUERY_KEY_GAIN"]
@@ -74,6 +77,15 @@ def output_noise_gains(gm: GraphModule, moments: dict[str, Optional[ChannelMomen
             q, k, v = n.args[:3]
             total = 1.0 + 2.0 * QUERY_KEY_GAIN
             for x, share in ((q, QUERY_KEY_GAIN), (k, QUERY_KEY_GAIN), (v, 1.0)):
+                if isinstance(x, Node):
+                    gain[x] += g * share / total
+            continue
+        if n.op in ("call_function", "call_method") and n.target in MATMUL_TARGETS and len(n.args) >= 2 \
+                and not n.kwargs and why_not_attention_weights(n.args[0], modules) is None:
+            probs, v = n.args[:2]
+            total = 1.0 + 2.0 * QUERY_KEY_GAIN
+            # the weights' share reaches q and k each in full through q k^T (a plain fan-out)
+            for x, share in ((probs, QUERY_KEY_GAIN), (v, 1.0)):
                 if isinstance(x, Node):
                     gain[x] += g * share / total
             continue
