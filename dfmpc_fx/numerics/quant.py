@@ -323,11 +323,10 @@ def quantize_uniform_widths(w: torch.Tensor, widths: list[int]) -> list[Quantize
     equal to it bit for bit, in one batched pass over ``len(widths)`` stacked copies of the rows.
 
     The allocator scores every candidate width on a small sample of rows, where each quantizer
-    call is dominated by per-operation overhead, not arithmetic: one stacked call costs about a
-    width's worth of calls instead of six. Every step is row-wise (a scale per row, elementwise
+    call is dominated by per-operation overhead, not arithmetic (measured gain is modest: the
+    scoring of resnet50's 54 layers took 0.22 s instead of 0.27 s). Every step is row-wise (a scale per row, elementwise
     rounding, row reductions), so stacking changes no row's result; the clamp that only the
     Gaussian-start widths apply is a no-op on max-abs rows (``|w| / (max|w| / qmax) <= qmax``).
-    (One call on 16 sampled rows costs 0.13-1.1 ms on a 2-core CPU, almost all of it overhead.)
     """
     if not widths:
         return []
