@@ -8,7 +8,7 @@ The fake-quant weight a module holds is exactly that dequantized tensor, so a pa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -139,24 +139,61 @@ def row_std(rows: torch.Tensor) -> torch.Tensor:
     return out
 
 
+class _RowStats:
+    """The row statistics a symmetric starting scale reads, each computed once when first asked
+    for (several widths of one weight share them)."""
+
+    def __init__(self, rows: torch.Tensor) -> None:
+        self.rows = rows
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self._cache:
+            rows = self.rows
+            if key == "absmean":
+                self._cache[key] = rows.abs().mean(dim=1)
+            elif key == "std":
+                self._cache[key] = row_std(rows)
+            else:  # "maxabs": max(max w, -min w), two plain reductions (3x faster than |w| then max)
+                self._cache[key] = torch.maximum(rows.amax(dim=1), rows.amin(dim=1).neg())
+        return self._cache[key]
+
+
+def _symmetric_start(bits: int, stats: _RowStats) -> torch.Tensor:
+    """Each row's starting scale for the narrow signed grid of ``bits``.
+
+    At 2-4 bits, the MSE-optimal step of a Gaussian with the row's spread (TWN's threshold rule,
+    step 1.4 E|w|, at 2 bits); the refinement then adapts it to the actual, often heavier-tailed,
+    weights. Above, max-abs (near optimal there)."""
+    if bits == 2:
+        return stats.get("absmean") * 1.4
+    if bits in _GAUSSIAN_STEP:
+        return stats.get("std") * _GAUSSIAN_STEP[bits]
+    return stats.get("maxabs") / (2 ** (bits - 1) - 1)
+
+
+def _refine_symmetric(
+    rows: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, iters: int, clamp: Callable[[torch.Tensor], None]
+) -> torch.Tensor:
+    """Alternating least squares on ``w ~ s q``: the scale optimal for the codes
+    (``<w,q>/<q,q>``), then the codes for that scale (rounded into ``codes`` in place and
+    clamped by ``clamp``); never increases a row's squared error. Returns the scales."""
+    for _ in range(iters):
+        qq = torch.linalg.vector_norm(codes, dim=1).square_()  # <q,q>; 5x faster than vecdot
+        new_scale = torch.linalg.vecdot(rows, codes, dim=1) / qq.clamp_min(1.0)
+        scale = torch.where((qq > 0) & (new_scale > 0), new_scale, scale)
+        torch.div(rows, scale[:, None], out=codes).round_()
+        clamp(codes)
+    return scale
+
+
 def _quantize_rows(
     rows: torch.Tensor, bits: int, symmetric: bool, refine_iters: int, grouped: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes, scale and zero point of each row of ``rows`` (one scale per row)."""
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
-        if bits in _GAUSSIAN_STEP:
-            # Start at the MSE-optimal step of a Gaussian with the row's spread; the
-            # refinement below then adapts to the actual (often heavier-tailed) weights.
-            if bits == 2:
-                # TWN's threshold rule: round at 0.7 E|w|, i.e. step 1.4 E|w|.
-                scale = rows.abs().mean(dim=1) * 1.4
-            else:
-                scale = row_std(rows) * _GAUSSIAN_STEP[bits]
-        else:
-            # max |w| as max(max w, -min w): two plain reductions are 3x faster here than
-            # |w| then max, and 10x faster than aminmax along a dim
-            scale = torch.maximum(rows.amax(dim=1), rows.amin(dim=1).neg()) / qmax
+        scale = _symmetric_start(bits, _RowStats(rows))
         # a 1-weight group has std 0: start from max-abs there (else its scale would be 1);
         # grouped only, so the per-channel path stays as it was
         if grouped and bits in _GAUSSIAN_STEP and rows.shape[1] == 1:
@@ -165,11 +202,7 @@ def _quantize_rows(
         codes = torch.div(rows, scale[:, None]).round_()
         if bits in _GAUSSIAN_STEP:
             codes.clamp_(-qmax, qmax)  # a max-abs step cannot overflow: |w| / (max|w| / qmax) <= qmax
-        for _ in range(refine_iters):
-            qq = torch.linalg.vector_norm(codes, dim=1).square_()  # <q,q>; 5x faster than vecdot
-            new_scale = torch.linalg.vecdot(rows, codes, dim=1) / qq.clamp_min(1.0)
-            scale = torch.where((qq > 0) & (new_scale > 0), new_scale, scale)
-            torch.div(rows, scale[:, None], out=codes).round_().clamp_(-qmax, qmax)
+        scale = _refine_symmetric(rows, codes, scale, refine_iters, lambda t: t.clamp_(-qmax, qmax))
         zero_point = torch.zeros_like(scale)
     else:
         qmax_u = 2**bits - 1
@@ -324,8 +357,9 @@ def quantize_uniform_widths(w: torch.Tensor, widths: list[int]) -> list[Quantize
 
     The allocator scores every candidate width on a small sample of rows, where each quantizer
     call is dominated by per-operation overhead, not arithmetic (measured gain is modest: the
-    scoring of resnet50's 54 layers took 0.22 s instead of 0.27 s). Every step is row-wise (a scale per row, elementwise
-    rounding, row reductions), so stacking changes no row's result; the clamp that only the
+    scoring of resnet50's 54 layers took 0.22 s instead of 0.27 s). It runs the same start rule
+    and refinement as :func:`quantize_uniform` (``_symmetric_start``, ``_refine_symmetric``);
+    every step is row-wise, so stacking changes no row's result, and the clamp that only the
     Gaussian-start widths apply is a no-op on max-abs rows (``|w| / (max|w| / qmax) <= qmax``).
     """
     if not widths:
@@ -338,31 +372,11 @@ def quantize_uniform_widths(w: torch.Tensor, widths: list[int]) -> list[Quantize
         # fewer rows than threads: torch splits a row's own reduction across threads, and that
         # split depends on how many rows there are, so stacking could move a scale by an ulp
         return [quantize_uniform(w, b) for b in widths]
-    stats: dict[str, torch.Tensor] = {}
-
-    def stat(key: str) -> torch.Tensor:
-        if key not in stats:
-            if key == "absmean":
-                stats[key] = rows.abs().mean(dim=1)
-            elif key == "std":
-                stats[key] = row_std(rows)
-            else:
-                stats[key] = torch.maximum(rows.amax(dim=1), rows.amin(dim=1).neg())
-        return stats[key]
-
     # refined widths (the default: 2 iterations at <= 4 bits) first, so they are one slice
     order = sorted(range(len(widths)), key=lambda i: widths[i] > 4)
     n_refined = sum(1 for b in widths if b <= 4)
-    starts = []
-    for i in order:  # the starting scale of _quantize_rows, width by width
-        b = widths[i]
-        if b == 2:
-            starts.append(stat("absmean") * 1.4)
-        elif b in _GAUSSIAN_STEP:
-            starts.append(stat("std") * _GAUSSIAN_STEP[b])
-        else:
-            starts.append(stat("maxabs") / (2 ** (b - 1) - 1))
-    scale = torch.cat(starts)
+    stats = _RowStats(rows)
+    scale = torch.cat([_symmetric_start(widths[i], stats) for i in order])
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     stacked = rows.repeat(len(widths), 1)
     codes = torch.div(stacked, scale[:, None]).round_()
@@ -375,14 +389,8 @@ def quantize_uniform_widths(w: torch.Tensor, widths: list[int]) -> list[Quantize
     clamp_blocks(codes, len(widths))
     if n_refined:
         end = n_refined * c
-        sub_rows, sub_codes, sub_scale = stacked[:end], codes[:end], scale[:end]
-        for _ in range(2):
-            qq = torch.linalg.vector_norm(sub_codes, dim=1).square_()
-            new_scale = torch.linalg.vecdot(sub_rows, sub_codes, dim=1) / qq.clamp_min(1.0)
-            sub_scale = torch.where((qq > 0) & (new_scale > 0), new_scale, sub_scale)
-            torch.div(sub_rows, sub_scale[:, None], out=sub_codes).round_()
-            clamp_blocks(sub_codes, n_refined)
-        scale[:end] = sub_scale
+        scale[:end] = _refine_symmetric(stacked[:end], codes[:end], scale[:end], 2,
+                                        lambda t: clamp_blocks(t, n_refined))
     out: list[Optional[QuantizedWeight]] = [None] * len(widths)
     for j, i in enumerate(order):
         s_j = scale[j * c:(j + 1) * c]
