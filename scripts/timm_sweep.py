@@ -220,6 +220,31 @@ def max_layer_error(model: Any, qmodel: Any, x: Any) -> float:
     return worst
 
 
+def float_noise_error(model: Any, x: Any, ref: Any, bits: int = 16, seed: int = 0) -> float:
+    """The control of the 16-bit check, with no transform at all: ||f~(x) - f(x)|| / ||f(x)|| for a
+    copy of the float model whose every Conv1d/Conv2d/Linear weight gets independent uniform noise
+    of +-half the step of its ``bits``-bit per-channel grid (``max|w_row| / (2^(bits-1) - 1)``),
+    the size of the rounding error. Of the order of the 16-bit error: the network amplifies any
+    perturbation that small, and the check's threshold says nothing about the transform there."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    noisy = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    qmax = 2 ** (bits - 1) - 1
+    with torch.no_grad():
+        for m in noisy.modules():
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+                w = m.weight
+                rows = w.reshape(w.shape[0], -1)
+                step = rows.abs().amax(dim=1) / qmax
+                noise = (torch.rand(rows.shape, generator=gen, dtype=w.dtype) - 0.5) * step[:, None]
+                w.add_(noise.reshape(w.shape))
+        return _rel(noisy(x), ref)
+
+
 def run_model(name: str, result_path: Path) -> None:
     import timm
     import torch
@@ -292,6 +317,7 @@ def run_model(name: str, result_path: Path) -> None:
             with torch.no_grad():
                 res["rel_err_16_no_mean_corr"] = _rel(q16b(x), ref)
             res["layer_err_16"] = max_layer_error(model, q16b, x)
+            res["float_noise_16"] = float_noise_error(model, x, ref)
         res["parts"] = any("part by part" in w for w in rep.warnings)
         names = {l.name for l in rep.layers}
         res["unaccounted"] = sorted(set(weighted) - names)
@@ -385,7 +411,8 @@ Regenerate with
 **{refused} refused with a reason**, **{failed} failed**. Of the {ok}: {strict} within 1e-3 end to
 end at 16 bits; {amplified} above it ({amp_range}), where every swapped module, fed its float
 counterpart's input, reproduces its output within {amp_worst:.0e} (the random deep network
-amplifies the 16-bit rounding noise). {float_layers} conv/linear layers in {float_models} models stay
+amplifies the 16-bit rounding noise: the float model itself, its weights given uniform noise of
+half a 16-bit step and nothing else, is off by {noise_range} on them). {float_layers} conv/linear layers in {float_models} models stay
 float, each with its reason in the report (column "kept in float").
 
 What is automatic when timm is imported: timm's registered not-traceable modules
@@ -400,7 +427,9 @@ Columns: *conv/linear* counts every Conv1d/Conv2d/Linear module of the model; *1
 is ||q(x) - f(x)|| / ||f(x)|| with every layer at 16 bits (a function check: each swapped module
 computes what it replaced; where it exceeds 1e-3, the model is compressed at 16 bits again without
 the data-free mean correction and each swapped module is checked on its own: fed the input its
-float counterpart receives, its output must match within 1e-4, else the model *failed*);
+float counterpart receives, its output must match within 1e-4, else the model *failed*; and the
+float model, its conv/linear weights given uniform noise of +-half their 16-bit step, no transform,
+is measured the same way: the control);
 *default rel. err* is the same at the MP2/6 layout (`low_bits=2, high_bits=6`: pairs at 2/6
 bits, other layers at 8) on **random weights**, so it says nothing about accuracy; *pairs* are the compensated pairs, *refused* the layers whose
 chain found no partner. *compress s* is wall time on a shared 2-core machine, one thread.
@@ -429,7 +458,9 @@ def write_markdown(rows: list[dict[str, Any]], sample: dict[str, Any], timeout: 
             continue
         outcome = ("ok" + (" (part by part)" if r.get("parts") else "")
                    + (f" (above 1e-3: {r['rel_err_16_no_mean_corr']:.1e} without mean correction, "
-                      f"worst swapped module {r['layer_err_16']:.1e})" if r.get("amplified") else "")
+                      f"worst swapped module {r['layer_err_16']:.1e}"
+                      + (f"; float model with 16-bit-step weight noise: {r['float_noise_16']:.1e}" if "float_noise_16" in r else "")
+                      + ")" if r.get("amplified") else "")
                    if r["status"] == "ok" else f"**failed**: {_cell(r.get('error'))}")
         why = "; ".join(f"{v} {k}" for k, v in r["float"].items()) or "-"
         lines.append(f"{head} {outcome} | {r['input']} | {r['conv_linear']} | {r['quantized']} ({r['in_leaf']}) | {_cell(why)} | "
@@ -438,10 +469,13 @@ def write_markdown(rows: list[dict[str, Any]], sample: dict[str, Any], timeout: 
                  f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d')} -->")
     ok = [r for r in rows if r.get("status") == "ok"]
     amp = [r for r in ok if r.get("amplified")]
+    noisy = [r for r in amp if "float_noise_16" in r]
     floats = [sum(r["float"].values()) for r in ok if r.get("float")]
     text = DOC.format(strict=len(ok) - len(amp), amplified=len(amp),
                       amp_range=(f"{min(r['rel_err_16'] for r in amp):.1e} to {max(r['rel_err_16'] for r in amp):.1e}" if amp else "-"),
                       amp_worst=max((r["layer_err_16"] for r in amp), default=0.0),
+                      noise_range=(f"{min(r['float_noise_16'] for r in noisy):.1e} to {max(r['float_noise_16'] for r in noisy):.1e}"
+                                   f" ({len(noisy)} of {len(amp)} measured)" if noisy else "-"),
                       float_layers=sum(floats), float_models=len(floats),
                       n_modules=len({m["module"] for m in sample["models"]}), all_modules=len(timm.list_modules()),
                       n=len(rows), timeout=timeout,
