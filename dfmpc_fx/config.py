@@ -227,10 +227,9 @@ class DFMPCConfig:
         elif isinstance(self.target_bits, str):
             raise ConfigError(f"target_bits={self.target_bits!r} must be a number in (0, 32] (average bits per "
                               "weight), 'auto' or None")
-        for name in LAYOUT_FIELDS:  # plain ints from here on (pickles and JSON see no marker type)
-            value = getattr(self, name)
-            if isinstance(value, _Unset):
-                object.__setattr__(self, name, int(value))
+        # The markers stay: dataclasses.replace copies them, so a layout field the user never gave
+        # stays "not given" in every derived config, and one given equal to its default (an
+        # explicit low_bits=2 next to a budget) is still told apart. to_dict writes plain ints.
 
     @property
     def budget_is_default(self) -> bool:
@@ -303,9 +302,8 @@ class DFMPCConfig:
             return
         if self.method != "dfmpc":
             raise ConfigError(f"a size budget needs method='dfmpc' (method={self.method!r} keeps the paper's layout): drop target_bits/target_bytes or method")
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        clashing = [name for name in ("low_bits", "high_bits", "default_bits", "first_last_bits")
-                    if getattr(self, name) != defaults[name]]
+        # given at all, even equal to the default: the allocator would silently ignore it
+        clashing = [name for name in LAYOUT_FIELDS if not isinstance(getattr(self, name), _Unset)]
         if clashing:
             raise ConfigError(
                 f"{', '.join(clashing)} and a size budget both set bit widths: drop {', '.join(clashing)} "
@@ -316,6 +314,9 @@ class DFMPCConfig:
     def to_dict(self) -> dict[str, Any]:
         """All fields, JSON-serialisable (for MLflow params and reports)."""
         d = dataclasses.asdict(self)
+        for name in LAYOUT_FIELDS:  # plain ints: pickles, JSON and MLflow see no marker type
+            if isinstance(d[name], int) and not isinstance(d[name], bool):
+                d[name] = int(d[name])
         d["skip_layers"] = list(self.skip_layers)
         d["candidate_bits"] = list(self.candidate_bits)
         d["group_sizes"] = list(self.group_sizes)
@@ -328,4 +329,11 @@ class DFMPCConfig:
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"unknown DFMPCConfig fields {sorted(unknown)}; known: {sorted(known)}")
+        d = dict(d)
+        if d.get("target_bits") is not None or d.get("target_bytes") is not None:
+            # to_dict writes every field: under a budget the layout fields are the unused defaults
+            defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+            for name in LAYOUT_FIELDS:
+                if name in d and d[name] == defaults[name]:
+                    del d[name]
         return cls(**d)

@@ -187,6 +187,29 @@ def test_bad_budget_configs_are_typed(kw, words):
     assert words in str(info.value)
 
 
+@pytest.mark.parametrize("name", ["low_bits", "high_bits", "default_bits", "first_last_bits"])
+def test_layout_field_given_at_its_default_value_clashes_with_a_budget(name):
+    """An explicit layout field equal to its default (low_bits=2, first_last_bits=8) next to a
+    budget is a ConfigError too: the allocator would ignore it without a word. Configs derived
+    from a budget config (replace, to_dict/from_dict, pickle) never gave one and stay valid."""
+    import dataclasses
+    import pickle
+
+    default = {f.name: f.default for f in dataclasses.fields(dfmpc_fx.DFMPCConfig)}[name]
+    for budget in (dict(target_bits=3.0), dict(target_bytes=10_000)):
+        with pytest.raises(dfmpc_fx.ConfigError, match=f"drop {name}"):
+            dfmpc_fx.DFMPCConfig(**budget, **{name: int(default)})
+        cfg = dfmpc_fx.DFMPCConfig(**budget)
+        assert dataclasses.replace(cfg, fold_scales=True).has_budget
+        assert dfmpc_fx.DFMPCConfig.from_dict(cfg.to_dict()) == cfg
+        assert type(cfg.to_dict()[name]) is int
+        assert dataclasses.replace(pickle.loads(pickle.dumps(cfg)), scale_dtype="float32").has_budget
+    with pytest.raises(dfmpc_fx.ConfigError, match=f"drop {name}"):
+        dfmpc_fx.compress(_Small().eval(), target_bits=3.0, **{name: int(default)})
+    # naming the field with the default budget still selects the pair layout
+    assert dfmpc_fx.DFMPCConfig(**{name: int(default)}).target_bits is None
+
+
 def test_unreachable_budget_names_smallest():
     m = _Small().eval()
     with pytest.raises(dfmpc_fx.ConfigError, match=r"smallest .* target_bits=2\.\d+"):

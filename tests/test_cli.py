@@ -355,6 +355,9 @@ def test_compress_with_target_bits(tmp_path):
     assert {layer["role"] for layer in data["layers"]} == {"budget"}
     rc = main(["compress", "zoo:resnet20", "--target-bits", "3.0", "--low-bits", "3", "--out", str(out)])
     assert rc != 0
+    # a layout flag equal to its default is still a flag the budget would ignore
+    rc = main(["compress", "zoo:resnet20", "--target-bits", "3.0", "--first-last-bits", "8", "--out", str(out)])
+    assert rc != 0
 
 
 def test_compress_packs_by_default_and_float_weights_opt_out(workdir: Path, capsys, monkeypatch) -> None:
