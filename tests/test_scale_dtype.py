@@ -2,6 +2,8 @@
 and the report, stored as float16 buffers, bit exact through packing, save/load and export."""
 from __future__ import annotations
 
+import json
+
 import warnings
 
 import pytest
@@ -156,7 +158,11 @@ def test_default_is_a_budget_and_naming_a_layout_selects_it():
         assert C(**layout).target_bits is None, layout
     assert C(target_bytes=1000).target_bits is None and C(target_bytes=1000).has_budget
     assert C(target_bits=3.0).target_bits == 3.0 and not C(target_bits=3.0).budget_is_default
-    assert type(C().low_bits) is int  # no marker type leaks into pickles, JSON or MLflow params
+    # The "not given" marker stays on the config (so replace/pickle-derived configs keep it) but
+    # never leaves it: to_dict (reports, checkpoints, MLflow params) and JSON see plain ints.
+    assert C().low_bits == 2 and type(C().low_bits + 0) is int
+    assert all(type(C().to_dict()[f]) is int for f in ("low_bits", "high_bits", "default_bits", "first_last_bits"))
+    assert json.loads(json.dumps(C().to_dict()))["high_bits"] == 6
     assert C.from_dict(C().to_dict()) == C()
 
 
