@@ -315,7 +315,7 @@ class DFMPCConfig:
         """All fields, JSON-serialisable (for MLflow params and reports)."""
         d = dataclasses.asdict(self)
         for name in LAYOUT_FIELDS:  # plain ints: pickles, JSON and MLflow see no marker type
-            if isinstance(d[name], int) and not isinstance(d[name], bool):
+            if isinstance(d[name], _Unset):  # asdict's deep copy keeps the marker
                 d[name] = int(d[name])
         d["skip_layers"] = list(self.skip_layers)
         d["candidate_bits"] = list(self.candidate_bits)

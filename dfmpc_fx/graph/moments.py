@@ -304,8 +304,8 @@ def _head_op(node: Node, x: Optional[ChannelMoments], xl: Optional[str], get: Ca
     return None
 
 
-MATMUL_TARGETS = (torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm")
-_SOFTMAX = (F.softmax, torch.softmax, "softmax")
+_MATMUL_TARGETS = (torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm")
+_SOFTMAX_FUNCTIONS = (F.softmax, torch.softmax)
 #: Ops between a softmax and the matmul that applies it which keep its rows summing to one.
 _PROBABILITY_PASS_FUNCTIONS = (F.dropout, torch.dropout)
 _PROBABILITY_PASS_METHODS = ("contiguous", "to", "type_as", "float", "half", "bfloat16")
@@ -320,9 +320,9 @@ def _is_last_dim(dim: Any, node: Node) -> bool:
     return shape is not None and dim == len(shape) - 1
 
 
-def why_not_attention_weights(node: object, modules: dict[str, nn.Module]) -> Optional[str]:
-    """None if ``node`` is a softmax over its last dim (through dropout and dtype casts, which
-    keep each row a set of weights summing to one), else why not."""
+def _is_attention_weights(node: object, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` is a softmax over its last dim (through dropout and dtype casts, which
+    keep each row a set of weights summing to one)."""
     while isinstance(node, Node):
         if node.op == "call_module" and isinstance(modules.get(str(node.target)), (nn.Dropout, nn.Identity)):
             node = node.args[0]
@@ -330,27 +330,39 @@ def why_not_attention_weights(node: object, modules: dict[str, nn.Module]) -> Op
                 (node.op == "call_method" and node.target in _PROBABILITY_PASS_METHODS):
             node = node.args[0]
         elif node.op == "call_module" and isinstance(modules.get(str(node.target)), nn.Softmax):
-            return None if _is_last_dim(modules[str(node.target)].dim, node) else "softmax not over the last dim"
-        elif (node.op == "call_function" and node.target in _SOFTMAX[:2]) or \
+            return _is_last_dim(modules[str(node.target)].dim, node)
+        elif (node.op == "call_function" and node.target in _SOFTMAX_FUNCTIONS) or \
                 (node.op == "call_method" and node.target == "softmax"):
-            return None if _is_last_dim(_arg(node, 1, "dim", None), node) else "softmax not over the last dim"
+            return _is_last_dim(_arg(node, 1, "dim", None), node)
         else:
-            return "left operand is not a softmax"
-    return "left operand is not a graph value"
+            return False
+    return False
+
+
+def eager_attention_operands(node: Node, modules: dict[str, nn.Module]) -> Optional[tuple[object, object]]:
+    """``(weights, values)`` of eager attention, ``softmax(q k^T / s + mask, dim=-1) @ v`` (HF's
+    ``attn_implementation="eager"``, timm's non-fused attention): a matmul whose left operand is
+    a softmax over its last dim, the dim the matmul sums over. None: not that pattern. The one
+    test of the pattern, for the moments rule here and the noise gains of
+    :mod:`dfmpc_fx.graph.sensitivity`."""
+    if node.op not in ("call_function", "call_method") or node.target not in _MATMUL_TARGETS \
+            or len(node.args) < 2 or node.kwargs or not _is_attention_weights(node.args[0], modules):
+        return None
+    return node.args[0], node.args[1]
 
 
 def _attention_context(node: Node, modules: dict[str, nn.Module], get: Callable[[object], Optional[ChannelMoments]],
                        lay: Callable[[object], Optional[str]]) -> Optional[tuple[ChannelMoments, Optional[str]]]:
-    """Eager attention, ``softmax(q k^T / s + mask, dim=-1) @ v`` (HF's ``attn_implementation=
-    "eager"``, timm's non-fused attention): the same rule as ``scaled_dot_product_attention``
-    (each output row is a convex combination of rows of ``v``, so ``v``'s moments, the variance
-    an upper bound), where the left operand is a softmax over its last dim (the dim the matmul
-    sums over) and ``v`` keeps its features in its last dim. None: not that pattern."""
-    if node.target not in MATMUL_TARGETS or len(node.args) < 2 or node.kwargs:
+    """Eager attention (:func:`eager_attention_operands`): the same rule as
+    ``scaled_dot_product_attention`` (each output row is a convex combination of rows of ``v``,
+    so ``v``'s moments, the variance an upper bound), where ``v`` keeps its features in its last
+    dim. None: not that pattern."""
+    operands = eager_attention_operands(node, modules)
+    if operands is None:
         return None
-    probs, v_arg = node.args[0], node.args[1]
+    v_arg = operands[1]
     v, vl = get(v_arg), lay(v_arg)
-    if v is None or why_not_attention_weights(probs, modules) is not None:
+    if v is None:
         return None
     heads = _heads(vl)
     v_shape = _shape(v_arg)

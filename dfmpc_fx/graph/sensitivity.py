@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from ..numerics.compensation import ChannelMoments
-from .moments import MATMUL_TARGETS, why_not_attention_weights
+from .moments import eager_attention_operands
 from .pairs import WEIGHTED_MODULES
 
 __all__ = ["output_noise_gains", "QUERY_KEY_GAIN"]
@@ -80,9 +80,8 @@ def output_noise_gains(gm: GraphModule, moments: dict[str, Optional[ChannelMomen
                 if isinstance(x, Node):
                     gain[x] += g * share / total
             continue
-        if n.op in ("call_function", "call_method") and n.target in MATMUL_TARGETS and len(n.args) >= 2 \
-                and not n.kwargs and why_not_attention_weights(n.args[0], modules) is None:
-            probs, v = n.args[:2]
+        if (operands := eager_attention_operands(n, modules)) is not None:
+            probs, v = operands
             total = 1.0 + 2.0 * QUERY_KEY_GAIN
             # the weights' share reaches q and k each in full through q k^T (a plain fan-out)
             for x, share in ((probs, QUERY_KEY_GAIN), (v, 1.0)):
