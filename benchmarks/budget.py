@@ -76,8 +76,10 @@ def rows(peers: bool = False) -> list[dict[str, Any]]:
     return out
 
 
-def _benchmark_module(name: str):
-    """``benchmarks/<name>.py`` as a module (the folder is not a package)."""
+def benchmark_module(name: str):
+    """``benchmarks/<name>.py`` as a module (the folder is not a package), registered as
+    ``benchmarks_<name>`` (dataclasses need their module in ``sys.modules``); the one loader of
+    the benchmark scripts (``paired_significance.py`` imports it from here)."""
     spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", REPO / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[f"benchmarks_{name}"] = mod
@@ -128,7 +130,7 @@ def run_model(name: str, subset: Optional[int], threads: int, peers: bool = Fals
 
     torch.set_num_threads(threads)
     warnings.simplefilter("ignore")
-    acc = _benchmark_module("accuracy")
+    acc = benchmark_module("accuracy")
     images, labels = load_fashion_mnist("test")
     if subset:
         images, labels = images[:subset], labels[:subset]
@@ -166,7 +168,7 @@ def run_model(name: str, subset: Optional[int], threads: int, peers: bool = Fals
                 if row["kind"] == "bn_ref":
                     acc.reestimate_batchnorm(final, calibration_subset(2000, seed=0))
             elif row["kind"] == "peer":
-                got = _benchmark_module("peers").run_peer(row["peer"], model, dfmpc_fx.DFMPCConfig(**res["config"]))
+                got = benchmark_module("peers").run_peer(row["peer"], model, dfmpc_fx.DFMPCConfig(**res["config"]))
                 if got.get("skipped"):
                     res["skipped"] = got["reason"]
                     out["rows"].append(res)

@@ -14,7 +14,6 @@ function, which is what a data-free method can aim at; a gain *over* FP32 is not
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import sys
 import warnings
@@ -33,20 +32,13 @@ def exact_mcnemar(a_only: int, b_only: int) -> float:
     return min(1.0, 2.0 * sum(math.comb(n, i) for i in range(k + 1)) / 2.0**n)
 
 
-def _accuracy_module():
-    spec = importlib.util.spec_from_file_location("benchmarks_accuracy", REPO / "benchmarks" / "accuracy.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["benchmarks_accuracy"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet18_fmnist")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     import torch
+    from budget import benchmark_module  # this folder, sys.path[0] when run as a script
 
     import dfmpc_fx
     from dfmpc_fx.examples.data import load_fashion_mnist
@@ -54,7 +46,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     warnings.simplefilter("ignore")
     torch.set_num_threads(args.threads)
-    acc = _accuracy_module()
+    acc = benchmark_module("accuracy")
     images, labels = load_fashion_mnist("test")
 
     def correct(cfg: dict | None) -> tuple[torch.Tensor, int | None]:

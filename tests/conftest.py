@@ -2,8 +2,31 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as the module ``benchmarks_<name>`` (the folder is not a package;
+    dataclasses need their module in ``sys.modules``)."""
+    key = f"benchmarks_{name}"
+    spec = importlib.util.spec_from_file_location(key, BENCHMARKS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[key] = mod
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
+@pytest.fixture(scope="session")
+def benchmark_module():
+    """:func:`_load_benchmark`: a benchmark script's functions, for tests that run or check them."""
+    return _load_benchmark
 
 
 @pytest.fixture(autouse=True)

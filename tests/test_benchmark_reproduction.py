@@ -9,9 +9,7 @@ committed figures to 0.1 point (one image). Takes well under a minute on one CPU
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,14 +19,6 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results.json"
 MODEL = "resnet20"
 KEYS = ["fp32", "plain@MP2/6", "paper@MP2/6", "dfmpc@MP2/6", "dfmpc@MP3/6", "w4@all", "bn_ref@MP2/6"]
-
-
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmarks_accuracy", REPO / "benchmarks" / "accuracy.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["benchmarks_accuracy"] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +32,8 @@ def committed():
 
 
 @pytest.fixture(scope="module")
-def bench():
-    return _load_benchmark()
+def bench(benchmark_module):
+    return benchmark_module("accuracy")
 
 
 def test_results_file_consistent(committed, bench):

@@ -1,23 +1,14 @@
 """The exact McNemar test of `benchmarks/paired_significance.py` against hand-computed values."""
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def paired():
-    spec = importlib.util.spec_from_file_location("benchmarks_paired", REPO / "benchmarks" / "paired_significance.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["benchmarks_paired"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+def paired(benchmark_module):
+    return benchmark_module("paired_significance")
 
 
 def test_exact_mcnemar_matches_the_binomial_tail(paired) -> None:

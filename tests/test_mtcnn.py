@@ -2,20 +2,14 @@
 keeps every face FP32 finds on photos built offline, and finds none where FP32 finds none."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("facenet_pytorch")
 pytest.importorskip("skimage")
 
-spec = importlib.util.spec_from_file_location("benchmarks_mtcnn", Path(__file__).resolve().parents[1] / "benchmarks" / "mtcnn.py")
-mtcnn_bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(mtcnn_bench)  # type: ignore[union-attr]
 
-
-def test_four_bits_per_weight_keeps_every_face() -> None:
+def test_four_bits_per_weight_keeps_every_face(benchmark_module) -> None:
+    mtcnn_bench = benchmark_module("mtcnn")
     from facenet_pytorch import MTCNN
 
     images = mtcnn_bench.face_images()
