@@ -10,7 +10,7 @@ from .errors import ConfigError
 Method = Literal["dfmpc", "paper"]
 METHODS: tuple[str, ...] = ("dfmpc", "paper")
 GRANULARITIES: tuple[str, ...] = ("per_channel", "per_tensor")
-SCHEMES: tuple[str, ...] = ("symmetric", "asymmetric")
+SCHEMES: tuple[str, ...] = ("auto", "symmetric", "asymmetric")
 SCALE_RULES: tuple[str, ...] = ("batchnorm", "least_squares", "variance")
 SCALE_DTYPE_NAMES: tuple[str, ...] = ("auto", "float32", "float16")
 #: The size budget a configuration gets when it names no bit layout (``target_bits="auto"``).
@@ -51,7 +51,14 @@ class DFMPCConfig:
         compensate: ``False`` gives plain mixed precision with the identical bit assignment.
         lambda1, lambda2: Eq. 27 weights, used by ``method="paper"`` only.
         granularity: quantizer scales for ``method="dfmpc"`` (``per_channel`` or ``per_tensor``).
-        scheme: ``symmetric`` (a zero level, narrow range) or ``asymmetric`` (zero point).
+        scheme: ``symmetric`` (a zero level, narrow range), ``asymmetric`` (zero point), or
+            ``auto`` (default): symmetric for the explicit layouts and ``method="paper"``
+            (bit-identical to earlier releases); under a size budget symmetric for a layer whose
+            per-channel scales or whole BatchNorm fold (``fold_scales``, ``fold_batchnorm``: a
+            zero point cannot move into a BatchNorm), asymmetric for every other layer and for
+            every scale group (HQQ's layout: rows and groups of a transformer's Linear are rarely
+            centred on zero, and a min/max range spends all ``2^b`` levels; on all-MiniLM-L6-v2
+            at 4.0 bits/w, embedding cosine 0.93 -> see BENCHMARKS.md).
         mean_correction: shift BatchNorm means (or biases) by the expected output error of each
             quantized layer, from data-free input moments (``method="dfmpc"`` only).
         layernorm_mean_correction: also mean-correct from input means that rest on a LayerNorm
@@ -137,7 +144,7 @@ class DFMPCConfig:
     lambda1: float = 0.5
     lambda2: float = 0.0
     granularity: str = "per_channel"
-    scheme: str = "symmetric"
+    scheme: str = "auto"
     mean_correction: bool = True
     layernorm_mean_correction: bool = False
     scale_rule: str = "batchnorm"
@@ -200,7 +207,7 @@ class DFMPCConfig:
             raise ConfigError(f"unknown scale_dtype {self.scale_dtype!r}: use one of {', '.join(SCALE_DTYPE_NAMES)}")
         if not (isinstance(self.fold_scales, bool) or self.fold_scales == "auto"):
             raise ConfigError(f"fold_scales={self.fold_scales!r} must be 'auto', True or False")
-        if self.fold_scales is True and (self.method != "dfmpc" or self.scheme != "symmetric"
+        if self.fold_scales is True and (self.method != "dfmpc" or self.scheme == "asymmetric"
                                          or self.granularity != "per_channel"):
             raise ConfigError("fold_scales=True needs method='dfmpc', scheme='symmetric' and granularity='per_channel' "
                               "(a zero point or a per-layer scale cannot move into a BatchNorm): drop fold_scales or those")
@@ -238,6 +245,28 @@ class DFMPCConfig:
         pair layout instead of clashing with a budget the user never asked for."""
         return bool(getattr(self, "_budget_auto", False)) and self.target_bits is not None
 
+    def scheme_for(self, group_size: Optional[int] = None, folds_into_batchnorm: bool = False) -> str:
+        """The quantizer scheme of a layer stored with ``group_size`` (None: one scale per
+        channel or per layer) whose scales (or whole BatchNorm) fold into the BatchNorm after
+        it when ``folds_into_batchnorm``: ``scheme`` itself, or what ``"auto"`` means there."""
+        if self.scheme != "auto":
+            return self.scheme
+        if not self.has_budget or self.method != "dfmpc" or group_size is None:
+            return "symmetric"
+        return "asymmetric"
+
+    @property
+    def offers_zero_point_option(self) -> bool:
+        """Whether the allocator also weighs a zero-point (asymmetric) per-channel option for
+        the layers whose scales do not fold (``scheme="auto"`` under a size budget)."""
+        return self.scheme == "auto" and self.has_budget and self.method == "dfmpc" and self.granularity == "per_channel"
+
+    @property
+    def may_use_zero_points(self) -> bool:
+        """Whether some layer may get a zero-point quantizer (decisions taken before the widths
+        are chosen, such as folding a BatchNorm with a negative gamma, must allow for it)."""
+        return self.scheme == "asymmetric" or (self.scheme == "auto" and self.has_budget and bool(self.group_sizes))
+
     @property
     def scale_bits(self) -> int:
         """Width of each stored scale and varying zero point: 16 or 32 (``scale_dtype``)."""
@@ -248,7 +277,7 @@ class DFMPCConfig:
     @property
     def folds_scales(self) -> bool:
         """Whether per-channel scales move into the following BatchNorm (``fold_scales``)."""
-        return _auto(self.fold_scales, self.has_budget and self.method == "dfmpc" and self.scheme == "symmetric"
+        return _auto(self.fold_scales, self.has_budget and self.method == "dfmpc" and self.scheme != "asymmetric"
                      and self.granularity == "per_channel")
 
     @property

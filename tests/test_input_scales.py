@@ -118,7 +118,8 @@ def test_budget_buys_factors_where_they_pay_and_counts_them(mlp):
         if is_quant_module(m):
             has = hasattr(m, "weight_input_scale")
             assert has == (name in with_factors)
-            n_scale = m.weight_scale.numel() + (m.weight_input_scale.numel() if has else 0)
+            n_scale = m.weight_scale.numel() + (m.weight_input_scale.numel() if has else 0) \
+                + (m.weight_zero_point.numel() if m.scheme == "asymmetric" else 0)
             assert quantized_layer_bits(m) == m.w_bits * m.weight.numel() + 16 * n_scale
             total, weights = total + quantized_layer_bits(m), weights + m.weight.numel()
     assert rep.bits_per_weight == pytest.approx(total / weights)

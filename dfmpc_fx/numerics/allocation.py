@@ -50,11 +50,13 @@ class Candidate:
 
     bits: Optional[int]
     group_size: Optional[int] = None
+    scheme: Optional[str] = None  # None: the configuration's scheme for this granularity
 
     def label(self) -> str:
         if self.bits is None:
             return "fp32"
-        return f"W{self.bits}" + (f"g{self.group_size}" if self.group_size else "")
+        return f"W{self.bits}" + (f"g{self.group_size}" if self.group_size else "") + \
+            ("" if self.scheme is None else f"-{self.scheme[:4]}")
 
 
 @dataclass
@@ -76,9 +78,10 @@ class InfeasibleBudget(ValueError):
         self.budget, self.smallest = budget, smallest
 
 
-def option_bits(option: Candidate, shape: Sequence[int], scheme: str, scale_bits: int = 32,
-                folded: bool = False) -> float:
-    """Size of a layer of weight ``shape`` stored as ``option`` with quantizer ``scheme``,
+def option_bits(option: Candidate, shape: Sequence[int], scheme: str | Callable[[Optional[int]], str],
+                scale_bits: int = 32, folded: bool = False) -> float:
+    """Size of a layer of weight ``shape`` stored as ``option`` with quantizer ``scheme`` (a
+    name, or a function of the option's group size that names it),
     scales and zero points (``scale_bits`` wide) included
     (:func:`dfmpc_fx.numerics.quant.scale_overhead_bits`). ``folded``: the per-channel scales
     live in the following BatchNorm (``DFMPCConfig.fold_scales``), so a per-channel option
@@ -87,7 +90,8 @@ def option_bits(option: Candidate, shape: Sequence[int], scheme: str, scale_bits
     if option.bits is None:
         return 32.0 * numel
     rows = 1 if folded and option.group_size is None else shape[0]
-    return float(option.bits * numel + scale_overhead_bits(numel, rows, option.group_size, scheme, scale_bits))
+    name = option.scheme or (scheme(option.group_size) if callable(scheme) else scheme)
+    return float(option.bits * numel + scale_overhead_bits(numel, rows, option.group_size, name, scale_bits))
 
 
 def sample_rows(c_out: int, max_rows: int) -> torch.Tensor:
@@ -318,7 +322,7 @@ def estimate_layer(
     quantize: Callable[[torch.Tensor, Sequence[Candidate]], list[torch.Tensor]],
     in_var_per_weight: Optional[torch.Tensor],
     ref_var: Optional[torch.Tensor],
-    scheme: str,
+    scheme: str | Callable[[Optional[int]], str],
     max_rows: int = 16,
     scale_bits: int = 32,
     folded: bool = False,

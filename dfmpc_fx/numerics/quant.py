@@ -188,9 +188,27 @@ def _refine_symmetric(
 
 
 def _quantize_rows(
-    rows: torch.Tensor, bits: int, symmetric: bool, refine_iters: int, grouped: bool = False
+    rows: torch.Tensor, bits: int, symmetric: bool, refine_iters: int, grouped: bool = False,
+    affine_from_symmetric: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Codes, scale and zero point of each row of ``rows`` (one scale per row)."""
+    """Codes, scale and zero point of each row of ``rows`` (one scale per row).
+
+    ``affine_from_symmetric`` (asymmetric only): refine from two starts, min/max and the refined
+    symmetric solution with its zero point at mid-range, and keep each row's better one. The
+    symmetric grid is the affine one less its top level, so the result is never worse than the
+    symmetric quantizer (min/max alone is, by far, at 2-3 bits: it spends levels on outliers)."""
+    if not symmetric and affine_from_symmetric:
+        qmax_u = 2**bits - 1
+        c_mm, s_mm, z_mm = _quantize_rows(rows, bits, False, 0)
+        c_mm, s_mm, z_mm = _refine_affine(rows, c_mm, s_mm, z_mm, qmax_u, max(refine_iters, 1))
+        c_s, s_s, _ = _quantize_rows(rows, bits, True, max(refine_iters, 1), grouped)
+        mid = float(2 ** (bits - 1) - 1)
+        z_s = torch.full_like(s_s, mid)
+        c_s, s_s, z_s = _refine_affine(rows, c_s.add_(mid), s_s, z_s, qmax_u, max(refine_iters, 1))
+        e_mm = (rows - (c_mm - z_mm[:, None]) * s_mm[:, None]).square_().sum(dim=1)
+        e_s = (rows - (c_s - z_s[:, None]) * s_s[:, None]).square_().sum(dim=1)
+        pick = e_s < e_mm
+        return (torch.where(pick[:, None], c_s, c_mm), torch.where(pick, s_s, s_mm), torch.where(pick, z_s, z_mm))
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
         scale = _symmetric_start(bits, _RowStats(rows))
@@ -298,6 +316,7 @@ def quantize_uniform(
     symmetric: bool = True,
     refine_iters: int | None = None,
     group_size: Optional[int] = None,
+    affine_from_symmetric: bool = False,
 ) -> QuantizedWeight:
     """Uniform quantizer with a zero level.
 
@@ -317,13 +336,19 @@ def quantize_uniform(
     squares on (scale, integer zero point) (per-channel asymmetric stays min/max, as before). At 2-3 bits a channel's range is set by a few outliers;
     smaller groups confine each outlier's damage. Scale and zero point then have shape
     ``(C_out, G)``; requires ``per_channel``.
+
+    ``affine_from_symmetric`` (asymmetric only; ``DFMPCConfig(scheme="auto")`` under a size
+    budget): every row or group is refined by least squares from min/max and from the symmetric
+    solution, and keeps the better (never worse than the symmetric quantizer; at least one
+    iteration even above 4 bits).
     """
     _check_weight(w, bits)
     if refine_iters is None:
         refine_iters = 2 if bits <= 4 else 0
     if group_size is None:
         rows = _per_channel_view(w.detach(), per_channel)
-        codes, scale, zero_point = _quantize_rows(rows, bits, symmetric, refine_iters)
+        codes, scale, zero_point = _quantize_rows(rows, bits, symmetric, refine_iters,
+                                                  affine_from_symmetric=affine_from_symmetric)
     else:
         if not per_channel:
             raise ValueError("group_size needs per_channel=True (groups split each output channel)")
@@ -334,10 +359,10 @@ def quantize_uniform(
         parts = []
         if full:
             parts.append(_quantize_rows(rows[:, : full * group_size].reshape(c * full, group_size), bits, symmetric,
-                                        refine_iters, grouped=True))
+                                        refine_iters, grouped=True, affine_from_symmetric=affine_from_symmetric))
         if full < n_groups:  # the shorter last group
             parts.append(_quantize_rows(rows[:, full * group_size:].contiguous(), bits, symmetric, refine_iters,
-                                        grouped=True))
+                                        grouped=True, affine_from_symmetric=affine_from_symmetric))
         codes = torch.cat([p[0].reshape(c, -1) for p in parts], dim=1)
         scale = torch.cat([p[1].reshape(c, -1) for p in parts], dim=1)
         zero_point = torch.cat([p[2].reshape(c, -1) for p in parts], dim=1)
@@ -492,12 +517,15 @@ def quantize_weight(
     scheme: str = "symmetric",
     per_channel: bool = True,
     group_size: Optional[int] = None,
+    affine_from_symmetric: bool = False,
 ) -> QuantizedWeight:
-    """Dispatch to the quantizer named by ``scheme``; ``group_size`` is for the uniform ones."""
+    """Dispatch to the quantizer named by ``scheme``; ``group_size`` and
+    ``affine_from_symmetric`` are for the uniform ones (:func:`quantize_uniform`)."""
     if scheme == "symmetric":
         return quantize_uniform(w, bits, per_channel=per_channel, symmetric=True, group_size=group_size)
     if scheme == "asymmetric":
-        return quantize_uniform(w, bits, per_channel=per_channel, symmetric=False, group_size=group_size)
+        return quantize_uniform(w, bits, per_channel=per_channel, symmetric=False, group_size=group_size,
+                                affine_from_symmetric=affine_from_symmetric)
     if group_size is not None:
         raise ValueError(f"group_size is supported by the symmetric and asymmetric schemes, not {scheme!r}")
     if scheme == "ternary":

@@ -34,30 +34,37 @@ class BudgetChoice:
     gain: float  # share of that ratio expected at the model's output (the knapsack weighs damage by it)
 
 
-def candidates_for(name: str, cfg: DFMPCConfig, row_len: int) -> list[Candidate]:
+def candidates_for(name: str, cfg: DFMPCConfig, row_len: int, folds_into_batchnorm: bool = False) -> list[Candidate]:
     """The options of one layer: pinned by ``fixed_bits``, else every width x granularity
-    (groups no shorter than the row are the per-channel option and are left out)."""
+    (groups no shorter than the row are the per-channel option and are left out), and under
+    ``scheme="auto"`` each width also per channel with a zero point where the layer's scales do
+    not fold into a BatchNorm (``folds_into_batchnorm``; a zero point cannot move there)."""
     if name in cfg.fixed_bits:
         return [Candidate(cfg.fixed_bits[name], None)]
     groups = [g for g in cfg.group_sizes if g < row_len]
-    return [Candidate(b, g) for b in sorted(set(cfg.candidate_bits)) for g in [None, *groups]]
+    affine = cfg.offers_zero_point_option and not folds_into_batchnorm
+    return [c for b in sorted(set(cfg.candidate_bits))
+            for c in [Candidate(b, None), *([Candidate(b, None, "asymmetric")] if affine else []),
+                      *(Candidate(b, g) for g in groups)]]
 
 
 def quantize_options(rows: torch.Tensor, options: list[Candidate], cfg: DFMPCConfig,
-                     role: Optional[str] = None) -> list[QuantizedWeight]:
+                     role: Optional[str] = None, folds_into_batchnorm: bool = False) -> list[QuantizedWeight]:
     """``[quantize_for(rows, o.bits, cfg, o.group_size, role) for o in options]``, with the
     per-channel widths of the default quantizer (``method="dfmpc"``, symmetric, per channel)
     batched into one call (:func:`dfmpc_fx.numerics.quant.quantize_uniform_widths`, equal bit for
     bit); grouped options and the other quantizers go one by one."""
-    batched = [i for i, o in enumerate(options) if o.group_size is None and o.bits is not None] \
-        if cfg.method == "dfmpc" and cfg.scheme == "symmetric" and cfg.granularity == "per_channel" else []
+    batched = [i for i, o in enumerate(options) if o.group_size is None and o.scheme is None and o.bits is not None] \
+        if cfg.method == "dfmpc" and cfg.scheme_for(None, folds_into_batchnorm) == "symmetric" \
+        and cfg.granularity == "per_channel" else []
     out: list[Optional[QuantizedWeight]] = [None] * len(options)
     if len(batched) > 1:
         for i, qw in zip(batched, quantize_uniform_widths(rows, [options[i].bits for i in batched])):
             out[i] = qw.with_scale_dtype(torch.float16) if cfg.scale_bits == 16 else qw
     for i, o in enumerate(options):
         if out[i] is None:
-            out[i] = quantize_for(rows, o.bits, cfg, o.group_size, role)
+            out[i] = quantize_for(rows, o.bits, cfg, o.group_size, role, folds_into_batchnorm=folds_into_batchnorm,
+                                  scheme=o.scheme)
     return out
 
 
@@ -92,14 +99,14 @@ def layer_costs(
     for i, inp in enumerate(inputs):
         name = names[i] if names is not None else inp.name
         row_len = inp.weight[0].numel()
-        options = candidates_for(name, cfg, row_len)
+        options = candidates_for(name, cfg, row_len, inp.folds_into_batchnorm)
 
         def quantize(rows: torch.Tensor, opts: list[Candidate]) -> list[torch.Tensor]:
-            return [q.dequantize() for q in quantize_options(rows, opts, cfg, inp.role)]
+            return [q.dequantize() for q in quantize_options(rows, opts, cfg, inp.role, inp.folds_into_batchnorm)]
 
         cost = estimate_layer(
             name, inp.weight, options, quantize, _input_variance_per_weight(inp),
-            inp.bn.var if inp.bn is not None else None, cfg.scheme, scale_bits=cfg.scale_bits,
+            inp.bn.var if inp.bn is not None else None, lambda g: cfg.scheme_for(g, inp.folds_into_batchnorm), scale_bits=cfg.scale_bits,
             folded=inp.fold_scales,
         )
         raw[name] = list(cost.damage)
@@ -204,7 +211,7 @@ def reserve_input_factors(
         # factors cannot remove more damage than the layer has left: skip choosing them there
         if cost.damage[cost.options.index(option)] <= price * cost_bits:
             continue
-        got = input_factors_for(inp, cfg, option.bits, option.group_size)
+        got = input_factors_for(inp, cfg, option.bits, option.group_size, option.scheme)
         # damage in the knapsack's units: the estimate's rows are a sample of the layer's
         if got is not None and got.factors is not None and got.saved * gains.get(name, 1.0) > price * cost_bits:
             extra[name] = cost_bits

@@ -622,7 +622,7 @@ def _can_fold_batchnorm(layer: nn.Module, bn: nn.Module, cfg: DFMPCConfig) -> bo
     if layer.bias is None and type(layer).forward not in {nn.Conv1d.forward, nn.Conv2d.forward, nn.Linear.forward}:
         return False
     gamma = bn.weight.detach() if bn.weight is not None else torch.ones(out)
-    if cfg.scheme not in ("symmetric", "ternary") and bool((gamma < 0).any()):
+    if cfg.may_use_zero_points and bool((gamma < 0).any()):
         return False
     if cfg.scale_bits == 16 or cfg.method == "paper":
         m = gamma.abs().double() / torch.sqrt(bn.running_var.detach().double() + bn.eps)
@@ -682,7 +682,7 @@ def _plan_under_budget(
     for inp in inputs:
         choice = choices.get(inp.name)
         if choice is not None:
-            inp.bits, inp.group_size = choice.option.bits, choice.option.group_size
+            inp.bits, inp.group_size, inp.scheme = choice.option.bits, choice.option.group_size, choice.option.scheme
             assign_input_scales([inp], cfg)  # at the chosen width, within the bits reserved for them
         inp.input_signal_fraction = 1.0 / (1.0 + upstream_noise)
         layer_plan = plan_layer(inp, cfg)

@@ -30,14 +30,17 @@ def _eligible(inp: LayerInputs) -> bool:
             and inp.in_moments.var.numel() == inp.weight.shape[1] and inp.weight.shape[1] > 1)
 
 
-def input_factors_for(inp: LayerInputs, cfg: DFMPCConfig, bits: int, group_size: Optional[int]) -> Optional[InputFactors]:
-    """The factors an eligible layer would get at ``bits`` / ``group_size`` (None: not eligible)."""
+def input_factors_for(inp: LayerInputs, cfg: DFMPCConfig, bits: int, group_size: Optional[int],
+                      scheme: Optional[str] = None) -> Optional[InputFactors]:
+    """The factors an eligible layer would get at ``bits`` / ``group_size`` / ``scheme`` (None:
+    the configuration's) (None: not eligible)."""
     if not _eligible(inp):
         return None
     store = torch.float16 if cfg.scale_bits == 16 else inp.weight.dtype
 
     def quantize(w: torch.Tensor) -> torch.Tensor:
-        return quantize_for(w, bits, cfg, group_size, inp.role).dequantize()
+        return quantize_for(w, bits, cfg, group_size, inp.role, folds_into_batchnorm=inp.folds_into_batchnorm,
+                            scheme=scheme).dequantize()
 
     return choose_input_factors(inp.weight, inp.in_moments.var, quantize, store,
                                 inp.bn.var if inp.bn is not None else None)
@@ -51,6 +54,6 @@ def assign_input_scales(inputs: Iterable[LayerInputs], cfg: DFMPCConfig) -> None
     for inp in inputs:
         if inp.bits is None or (cfg.has_budget and not inp.input_scale_reserved):
             continue
-        got = input_factors_for(inp, cfg, inp.bits, inp.group_size)
+        got = input_factors_for(inp, cfg, inp.bits, inp.group_size, inp.scheme)
         if got is not None:
             inp.input_scale, inp.input_scale_exponent = got.factors, got.alpha

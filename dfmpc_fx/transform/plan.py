@@ -55,6 +55,7 @@ class LayerInputs:
     partner: Optional[str]  # second layer of the active pair this layer starts
     features_per_channel: int = 1
     group_size: Optional[int] = None  # scale granularity chosen for this layer (None: config's)
+    scheme: Optional[str] = None  # quantizer scheme chosen for this layer by the allocator (None: config's)
     mean_trusted: bool = True  # False: in_moments' mean rests on an assumption not used for mean correction
     provenance: Optional[str] = None  # where in_moments came from, or why there are none (for the report)
     input_scale: Optional[torch.Tensor] = None  # per-input-channel factors (numerics/input_scales.py), or None
@@ -63,6 +64,11 @@ class LayerInputs:
     fold_scales: bool = False  # per-channel scales go into ``bn`` (DFMPCConfig.fold_scales; graph side checked it may)
     fold_batchnorm: bool = False  # ``bn`` is folded into the layer and removed (DFMPCConfig.fold_batchnorm; checked it may)
     input_signal_fraction: float = 1.0  # 1 / (1 + rounding noise-to-signal estimated upstream): how far mean_calibration applies
+
+    @property
+    def folds_into_batchnorm(self) -> bool:
+        """Its scales (``fold_scales``) or its whole BatchNorm (``fold_batchnorm``) fold."""
+        return self.fold_scales or self.fold_batchnorm
 
 
 @dataclass
@@ -97,7 +103,7 @@ PAIR_ROLES: frozenset[str] = frozenset({LOW, HIGH})
 
 def quantize_for(
     ref: torch.Tensor, bits: int, cfg: DFMPCConfig, group_size: Optional[int] = None, role: Optional[str] = None,
-    input_scale: Optional[torch.Tensor] = None,
+    input_scale: Optional[torch.Tensor] = None, folds_into_batchnorm: bool = False, scheme: Optional[str] = None,
 ) -> QuantizedWeight:
     """The quantizer the configuration names for a layer of role ``role`` (the paper's
     TWN/DoReFa per layer, or ours).
@@ -115,20 +121,24 @@ def quantize_for(
     shrinkage of the low-bit ones).
 
     ``input_scale``: per-input-channel factors ``t`` (already in their storage dtype): ``W / t``
-    is quantized and the result dequantizes to ``Q(W / t) * t``.
+    is quantized and the result dequantizes to ``Q(W / t) * t``. ``folds_into_batchnorm``: the
+    layer's scales go into the BatchNorm after it (:meth:`DFMPCConfig.scheme_for`); ``scheme``:
+    the allocator's choice for the layer (None: the configuration's).
     """
     if input_scale is not None:
-        qw = quantize_for(ref / column_view(input_scale.to(ref.dtype), ref.dim()), bits, cfg, group_size, role)
+        qw = quantize_for(ref / column_view(input_scale.to(ref.dtype), ref.dim()), bits, cfg, group_size, role,
+                          folds_into_batchnorm=folds_into_batchnorm, scheme=scheme)
         return dataclasses.replace(qw, input_scale=input_scale)
     if cfg.method == "paper":
         if bits == 2:
             qw = quantize_weight(ref, bits, scheme="ternary", per_channel=False)
         else:
             qw = quantize_dorefa(ref, bits, per_channel=False, tanh=role in PAIR_ROLES)
-    elif group_size is not None:
-        qw = quantize_weight(ref, bits, scheme=cfg.scheme, per_channel=True, group_size=group_size)
     else:
-        qw = quantize_weight(ref, bits, scheme=cfg.scheme, per_channel=cfg.granularity == "per_channel")
+        scheme = scheme or cfg.scheme_for(group_size, folds_into_batchnorm)
+        # "auto"'s zero-point layers start from the symmetric solution too (never worse than it)
+        qw = quantize_weight(ref, bits, scheme=scheme, per_channel=group_size is not None or cfg.granularity == "per_channel",
+                             group_size=group_size, affine_from_symmetric=cfg.scheme == "auto" and scheme == "asymmetric")
     # "float32" keeps the weight's own dtype (exact); "float16" stores scales at half the bytes
     return qw.with_scale_dtype(torch.float16) if cfg.scale_bits == 16 else qw
 
@@ -148,7 +158,7 @@ def plan_layer(inp: LayerInputs, cfg: DFMPCConfig) -> LayerPlan:
     if inp.bits is None:
         return LayerPlan(inp.name, inp.role, ref, bias, None, None, None, rep)
 
-    qw = quantize_for(ref, inp.bits, cfg, inp.group_size, inp.role, inp.input_scale)
+    qw = quantize_for(ref, inp.bits, cfg, inp.group_size, inp.role, inp.input_scale, inp.folds_into_batchnorm, inp.scheme)
     q = qw.dequantize()
     rep.scheme = qw.scheme
     rep.input_scale_exponent = inp.input_scale_exponent
