@@ -121,7 +121,10 @@ def hqq_model(model, bits: int, group: int):
 
 
 def run_model(name: str, subset: Optional[int], threads: int, peers: bool = False,
-              only: tuple[str, ...] = ()) -> dict[str, Any]:
+              only: tuple[str, ...] = (), known_sizes: Optional[dict[str, int]] = None) -> dict[str, Any]:
+    """One model's rows (``only``: those whose key starts with one of these prefixes).
+    ``known_sizes``: bytes of rows measured by an earlier run (``--add-rows``), so that an
+    ``alloc@bytes:<row>`` row can run without rerunning ``<row>`` (a peer from another venv)."""
     import torch
 
     import dfmpc_fx
@@ -135,7 +138,7 @@ def run_model(name: str, subset: Optional[int], threads: int, peers: bool = Fals
     if subset:
         images, labels = images[:subset], labels[:subset]
     out: dict[str, Any] = {"rows": []}
-    sizes: dict[str, int] = {}
+    sizes: dict[str, int] = dict(known_sizes or {})
     t_model = time.perf_counter()
     for row in rows(peers):
         if only and not row["key"].startswith(only):
@@ -340,7 +343,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     t0 = time.perf_counter()
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     with ProcessPoolExecutor(max_workers=max(1, min(args.jobs, len(models)))) as pool:
-        futures = {m: pool.submit(run_model, m, args.subset, 1, args.peers, tuple(args.add_rows)) for m in models}
+        known: dict[str, dict[str, int]] = {}
+        if args.add_rows and Path(args.json).is_file():  # earlier rows' bytes, for alloc@bytes rows
+            for m, res in json.loads(Path(args.json).read_text())["models"].items():
+                known[m] = {r["key"]: r["bytes"] for r in res["rows"] if "bytes" in r and "skipped" not in r}
+        futures = {m: pool.submit(run_model, m, args.subset, 1, args.peers, tuple(args.add_rows), known.get(m))
+                   for m in models}
         results = {"models": {m: futures[m].result() for m in models}}
     import platform
 
