@@ -199,14 +199,13 @@ def _quantize_rows(
     symmetric quantizer (min/max alone is, by far, at 2-3 bits: it spends levels on outliers)."""
     if not symmetric and affine_from_symmetric:
         qmax_u = 2**bits - 1
+        iters = max(refine_iters, 1)
         c_mm, s_mm, z_mm = _quantize_rows(rows, bits, False, 0)
-        c_mm, s_mm, z_mm = _refine_affine(rows, c_mm, s_mm, z_mm, qmax_u, max(refine_iters, 1))
-        c_s, s_s, _ = _quantize_rows(rows, bits, True, max(refine_iters, 1), grouped)
+        c_mm, s_mm, z_mm, e_mm = _refine_affine(rows, c_mm, s_mm, z_mm, qmax_u, iters, with_error=True)
+        c_s, s_s, _ = _quantize_rows(rows, bits, True, iters, grouped)
         mid = float(2 ** (bits - 1) - 1)
         z_s = torch.full_like(s_s, mid)
-        c_s, s_s, z_s = _refine_affine(rows, c_s.add_(mid), s_s, z_s, qmax_u, max(refine_iters, 1))
-        e_mm = (rows - (c_mm - z_mm[:, None]) * s_mm[:, None]).square_().sum(dim=1)
-        e_s = (rows - (c_s - z_s[:, None]) * s_s[:, None]).square_().sum(dim=1)
+        c_s, s_s, z_s, e_s = _refine_affine(rows, c_s.add_(mid), s_s, z_s, qmax_u, iters, with_error=True)
         pick = e_s < e_mm
         return (torch.where(pick[:, None], c_s, c_mm), torch.where(pick, s_s, s_mm), torch.where(pick, z_s, z_mm))
     if symmetric:
@@ -236,14 +235,15 @@ def _quantize_rows(
 
 
 def _refine_affine(
-    rows: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmax_u: int, iters: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmax_u: int, iters: int,
+    with_error: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Alternating least squares for ``w ~ s (q - z)`` with an integer zero point ``z``.
 
     Min/max spends levels on the extremes of a row; here the affine map is refit to the codes
     (``w ~ a q + b`` by least squares, ``z = round(-b / a)``, then the ``s`` optimal for
     ``q - z``), codes are re-rounded, and each row keeps its best iterate (never worse than
-    min/max).
+    min/max). ``with_error``: also each row's squared error (the caller compares starts).
     """
     def err(c, s, z):
         return (rows - (c - z[:, None]) * s[:, None]).square_().sum(dim=1)
@@ -268,7 +268,7 @@ def _refine_affine(
         scale = torch.where(better, s, scale)
         zero_point = torch.where(better, z, zero_point)
         best = torch.minimum(e, best)
-    return codes, scale, zero_point
+    return (codes, scale, zero_point, best) if with_error else (codes, scale, zero_point)
 
 
 def group_count(k: int, group_size: Optional[int]) -> int:
