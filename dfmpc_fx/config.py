@@ -53,12 +53,14 @@ class DFMPCConfig:
         granularity: quantizer scales for ``method="dfmpc"`` (``per_channel`` or ``per_tensor``).
         scheme: ``symmetric`` (a zero level, narrow range), ``asymmetric`` (zero point), or
             ``auto`` (default): symmetric for the explicit layouts and ``method="paper"``
-            (bit-identical to earlier releases); under a size budget symmetric for a layer whose
-            per-channel scales or whole BatchNorm fold (``fold_scales``, ``fold_batchnorm``: a
-            zero point cannot move into a BatchNorm), asymmetric for every other layer and for
-            every scale group (HQQ's layout: rows and groups of a transformer's Linear are rarely
-            centred on zero, and a min/max range spends all ``2^b`` levels; on all-MiniLM-L6-v2
-            at 4.0 bits/w, embedding cosine 0.93 -> see BENCHMARKS.md).
+            (bit-identical to earlier releases). Under a size budget the allocator may also
+            store a layer with one zero point per output channel (charged), wherever its scales
+            do not fold into a BatchNorm (``fold_scales``, ``fold_batchnorm``: a zero point
+            cannot move there), and scale groups (``group_sizes``) carry zero points (HQQ's
+            layout). Those zero-point quantizers refine from min/max and from the symmetric
+            solution, so they are never worse than symmetric. On all-MiniLM-L6-v2 at 4.0 bits/w,
+            embedding cosine 0.926 -> 0.947; the CNN checkpoints within -0.16..+0.06 points at
+            2.5-4.0 bits/w (BENCHMARKS.md).
         mean_correction: shift BatchNorm means (or biases) by the expected output error of each
             quantized layer, from data-free input moments (``method="dfmpc"`` only).
         layernorm_mean_correction: also mean-correct from input means that rest on a LayerNorm
