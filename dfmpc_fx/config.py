@@ -211,7 +211,7 @@ class DFMPCConfig:
             raise ConfigError(f"fold_scales={self.fold_scales!r} must be 'auto', True or False")
         if self.fold_scales is True and (self.method != "dfmpc" or self.scheme == "asymmetric"
                                          or self.granularity != "per_channel"):
-            raise ConfigError("fold_scales=True needs method='dfmpc', scheme='symmetric' and granularity='per_channel' "
+            raise ConfigError("fold_scales=True needs method='dfmpc', scheme='symmetric' or 'auto' and granularity='per_channel' "
                               "(a zero point or a per-layer scale cannot move into a BatchNorm): drop fold_scales or those")
         if not (isinstance(self.mean_calibration, bool) or self.mean_calibration == "auto"):
             raise ConfigError(f"mean_calibration={self.mean_calibration!r} must be 'auto', True or False")
@@ -247,10 +247,11 @@ class DFMPCConfig:
         pair layout instead of clashing with a budget the user never asked for."""
         return bool(getattr(self, "_budget_auto", False)) and self.target_bits is not None
 
-    def scheme_for(self, group_size: Optional[int] = None, folds_into_batchnorm: bool = False) -> str:
+    def scheme_for(self, group_size: Optional[int] = None) -> str:
         """The quantizer scheme of a layer stored with ``group_size`` (None: one scale per
-        channel or per layer) whose scales (or whole BatchNorm) fold into the BatchNorm after
-        it when ``folds_into_batchnorm``: ``scheme`` itself, or what ``"auto"`` means there."""
+        channel or per layer) unless the allocator chose one: ``scheme`` itself, or what
+        ``"auto"`` means there (the per-channel zero-point option is a separate candidate,
+        :attr:`offers_zero_point_option`)."""
         if self.scheme != "auto":
             return self.scheme
         if not self.has_budget or self.method != "dfmpc" or group_size is None:

@@ -49,22 +49,20 @@ def candidates_for(name: str, cfg: DFMPCConfig, row_len: int, folds_into_batchno
 
 
 def quantize_options(rows: torch.Tensor, options: list[Candidate], cfg: DFMPCConfig,
-                     role: Optional[str] = None, folds_into_batchnorm: bool = False) -> list[QuantizedWeight]:
+                     role: Optional[str] = None) -> list[QuantizedWeight]:
     """``[quantize_for(rows, o.bits, cfg, o.group_size, role) for o in options]``, with the
     per-channel widths of the default quantizer (``method="dfmpc"``, symmetric, per channel)
     batched into one call (:func:`dfmpc_fx.numerics.quant.quantize_uniform_widths`, equal bit for
     bit); grouped options and the other quantizers go one by one."""
     batched = [i for i, o in enumerate(options) if o.group_size is None and o.scheme is None and o.bits is not None] \
-        if cfg.method == "dfmpc" and cfg.scheme_for(None, folds_into_batchnorm) == "symmetric" \
-        and cfg.granularity == "per_channel" else []
+        if cfg.method == "dfmpc" and cfg.scheme_for(None) == "symmetric" and cfg.granularity == "per_channel" else []
     out: list[Optional[QuantizedWeight]] = [None] * len(options)
     if len(batched) > 1:
         for i, qw in zip(batched, quantize_uniform_widths(rows, [options[i].bits for i in batched])):
             out[i] = qw.with_scale_dtype(torch.float16) if cfg.scale_bits == 16 else qw
     for i, o in enumerate(options):
         if out[i] is None:
-            out[i] = quantize_for(rows, o.bits, cfg, o.group_size, role, folds_into_batchnorm=folds_into_batchnorm,
-                                  scheme=o.scheme)
+            out[i] = quantize_for(rows, o.bits, cfg, o.group_size, role, scheme=o.scheme)
     return out
 
 
@@ -102,11 +100,11 @@ def layer_costs(
         options = candidates_for(name, cfg, row_len, inp.folds_into_batchnorm)
 
         def quantize(rows: torch.Tensor, opts: list[Candidate]) -> list[torch.Tensor]:
-            return [q.dequantize() for q in quantize_options(rows, opts, cfg, inp.role, inp.folds_into_batchnorm)]
+            return [q.dequantize() for q in quantize_options(rows, opts, cfg, inp.role)]
 
         cost = estimate_layer(
             name, inp.weight, options, quantize, _input_variance_per_weight(inp),
-            inp.bn.var if inp.bn is not None else None, lambda g: cfg.scheme_for(g, inp.folds_into_batchnorm), scale_bits=cfg.scale_bits,
+            inp.bn.var if inp.bn is not None else None, cfg.scheme_for, scale_bits=cfg.scale_bits,
             folded=inp.fold_scales,
         )
         raw[name] = list(cost.damage)

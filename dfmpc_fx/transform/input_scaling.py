@@ -39,8 +39,7 @@ def input_factors_for(inp: LayerInputs, cfg: DFMPCConfig, bits: int, group_size:
     store = torch.float16 if cfg.scale_bits == 16 else inp.weight.dtype
 
     def quantize(w: torch.Tensor) -> torch.Tensor:
-        return quantize_for(w, bits, cfg, group_size, inp.role, folds_into_batchnorm=inp.folds_into_batchnorm,
-                            scheme=scheme).dequantize()
+        return quantize_for(w, bits, cfg, group_size, inp.role, scheme=scheme).dequantize()
 
     return choose_input_factors(inp.weight, inp.in_moments.var, quantize, store,
                                 inp.bn.var if inp.bn is not None else None)

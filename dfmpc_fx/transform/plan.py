@@ -103,7 +103,7 @@ PAIR_ROLES: frozenset[str] = frozenset({LOW, HIGH})
 
 def quantize_for(
     ref: torch.Tensor, bits: int, cfg: DFMPCConfig, group_size: Optional[int] = None, role: Optional[str] = None,
-    input_scale: Optional[torch.Tensor] = None, folds_into_batchnorm: bool = False, scheme: Optional[str] = None,
+    input_scale: Optional[torch.Tensor] = None, scheme: Optional[str] = None,
 ) -> QuantizedWeight:
     """The quantizer the configuration names for a layer of role ``role`` (the paper's
     TWN/DoReFa per layer, or ours).
@@ -121,13 +121,12 @@ def quantize_for(
     shrinkage of the low-bit ones).
 
     ``input_scale``: per-input-channel factors ``t`` (already in their storage dtype): ``W / t``
-    is quantized and the result dequantizes to ``Q(W / t) * t``. ``folds_into_batchnorm``: the
-    layer's scales go into the BatchNorm after it (:meth:`DFMPCConfig.scheme_for`); ``scheme``:
-    the allocator's choice for the layer (None: the configuration's).
+    is quantized and the result dequantizes to ``Q(W / t) * t``. ``scheme``: the allocator's
+    choice for the layer (None: the configuration's, :meth:`DFMPCConfig.scheme_for`).
     """
     if input_scale is not None:
         qw = quantize_for(ref / column_view(input_scale.to(ref.dtype), ref.dim()), bits, cfg, group_size, role,
-                          folds_into_batchnorm=folds_into_batchnorm, scheme=scheme)
+                          scheme=scheme)
         return dataclasses.replace(qw, input_scale=input_scale)
     if cfg.method == "paper":
         if bits == 2:
@@ -135,7 +134,7 @@ def quantize_for(
         else:
             qw = quantize_dorefa(ref, bits, per_channel=False, tanh=role in PAIR_ROLES)
     else:
-        scheme = scheme or cfg.scheme_for(group_size, folds_into_batchnorm)
+        scheme = scheme or cfg.scheme_for(group_size)
         # "auto"'s zero-point layers start from the symmetric solution too (never worse than it)
         qw = quantize_weight(ref, bits, scheme=scheme, per_channel=group_size is not None or cfg.granularity == "per_channel",
                              group_size=group_size, affine_from_symmetric=cfg.scheme == "auto" and scheme == "asymmetric")
@@ -158,7 +157,7 @@ def plan_layer(inp: LayerInputs, cfg: DFMPCConfig) -> LayerPlan:
     if inp.bits is None:
         return LayerPlan(inp.name, inp.role, ref, bias, None, None, None, rep)
 
-    qw = quantize_for(ref, inp.bits, cfg, inp.group_size, inp.role, inp.input_scale, inp.folds_into_batchnorm, inp.scheme)
+    qw = quantize_for(ref, inp.bits, cfg, inp.group_size, inp.role, inp.input_scale, inp.scheme)
     q = qw.dequantize()
     rep.scheme = qw.scheme
     rep.input_scale_exponent = inp.input_scale_exponent
