@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import copy
+import copyreg
 import linecache
 import operator
 import os
 import sys
 import traceback
+from collections import OrderedDict
 from typing import Any, Iterable, Optional, Union
 
 import torch
@@ -81,7 +83,57 @@ def structural_copy(model: nn.Module, *, copy_tensors: bool = False, keep: Itera
                     memo.update((id(t), t) for t in value.values() if t is not None)
             elif key != "_modules":
                 cached(value)
-    return copy.deepcopy(model, memo)
+    return _copy_module(model, memo)
+
+
+#: Values a deep copy returns as they are.
+_ATOMS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.memory_format)
+
+
+def _copies_by_default(cls: type) -> bool:
+    """Whether ``copy.deepcopy`` of a ``cls`` instance is the default protocol (``__new__``, a
+    copy of ``Module.__getstate__``'s dict, ``__setstate__``): nothing overridden, no slots."""
+    return (getattr(cls, "__deepcopy__", None) is None and cls.__reduce_ex__ is object.__reduce_ex__
+            and cls.__reduce__ is object.__reduce__ and cls.__getstate__ is nn.Module.__getstate__
+            and not copyreg._slotnames(cls))
+
+
+def _copy_value(value: Any, memo: dict[int, Any]) -> Any:
+    """``copy.deepcopy(value, memo)``, with modules, plain dicts and atoms copied here."""
+    if isinstance(value, _ATOMS):
+        return value
+    hit = memo.get(id(value), memo)
+    if hit is not memo:
+        return hit
+    if isinstance(value, nn.Module):
+        return _copy_module(value, memo)
+    if type(value) in (dict, OrderedDict):
+        out = type(value)()
+        memo[id(value)] = out
+        for k, v in value.items():
+            out[k if isinstance(k, _ATOMS) else copy.deepcopy(k, memo)] = _copy_value(v, memo)
+        return out
+    if type(value) is set and not value:
+        return set()
+    return copy.deepcopy(value, memo)
+
+
+def _copy_module(mod: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    """``copy.deepcopy(mod, memo)`` for the module tree, equal to it in result: modules that copy
+    by the default protocol are rebuilt field by field (``copy.deepcopy`` spent a tenth of a
+    ResNet-50's compress time in its generic reduce machinery, 160 modules of ~25 fields each);
+    any other module, and every value this does not recognise, goes to ``copy.deepcopy``."""
+    hit = memo.get(id(mod), memo)
+    if hit is not memo:
+        return hit
+    cls = type(mod)
+    if not _copies_by_default(cls):
+        return copy.deepcopy(mod, memo)
+    new = cls.__new__(cls)
+    memo[id(mod)] = new
+    copy._keep_alive(mod, memo)  # as deepcopy does: the original outlives the memo's ids
+    new.__setstate__({k: _copy_value(v, memo) for k, v in mod.__getstate__().items()})
+    return new
 
 
 _TORCH_DIR = os.path.dirname(torch.__file__)

@@ -127,9 +127,10 @@ def row_std(rows: torch.Tensor) -> torch.Tensor:
     if rows.dtype != torch.float32 or rows.shape[1] == 0:
         return rows.std(dim=1, correction=0)
     k = rows.shape[1]
-    wide = rows.to(torch.float64)
-    mean = wide.sum(dim=1).div_(k)
-    mean_sq = torch.linalg.vector_norm(wide, dim=1).square_().div_(k)
+    # float64 accumulation without a float64 copy of the rows (a copy of a large layer is a
+    # fresh allocation that page-faults: slower inside ``compress`` than the two reductions)
+    mean = rows.sum(dim=1, dtype=torch.float64).div_(k)
+    mean_sq = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64).square_().div_(k)
     var = mean_sq - mean * mean
     out = var.clamp_min(0.0).sqrt_().to(rows.dtype)
     risky = mean_sq > 16.0 * var
@@ -151,7 +152,8 @@ class _RowStats:
         if key not in self._cache:
             rows = self.rows
             if key == "absmean":
-                self._cache[key] = rows.abs().mean(dim=1)
+                # the L1 norm fuses |w| into the reduction (no temporary of the rows' size)
+                self._cache[key] = torch.linalg.vector_norm(rows, ord=1, dim=1).div_(rows.shape[1])
             elif key == "std":
                 self._cache[key] = row_std(rows)
             else:  # "maxabs": max(max w, -min w), two plain reductions (3x faster than |w| then max)
@@ -243,30 +245,43 @@ def _refine_affine(
     Min/max spends levels on the extremes of a row; here the affine map is refit to the codes
     (``w ~ a q + b`` by least squares, ``z = round(-b / a)``, then the ``s`` optimal for
     ``q - z``), codes are re-rounded, and each row keeps its best iterate (never worse than
-    min/max). ``with_error``: also each row's squared error (the caller compares starts).
-    """
-    def err(c, s, z):
-        return (rows - (c - z[:, None]) * s[:, None]).square_().sum(dim=1)
+    its start). ``with_error``: also each row's squared error (the caller compares starts).
 
-    best = err(codes, scale, zero_point)
+    Cost (the zero-point option is scored and applied on every classifier and transformer
+    projection): the fits read three row moments of the codes (``sum q``, ``sum q^2``,
+    ``sum q w``) instead of centred copies, and a new iterate's error is the rounding residual
+    ``w / s + z - q`` left in the buffer the codes were rounded from (``s^2 sum r^2``: no
+    cancellation, unlike expanding ``sum (w - s (q - z))^2``); one scratch buffer, reused.
+    """
+    k = rows.shape[1]
+    buf = torch.empty_like(rows)
+    torch.sub(codes, zero_point[:, None], out=buf).mul_(scale[:, None])
+    best = torch.linalg.vector_norm(torch.sub(rows, buf, out=buf), dim=1).square_()
+    w_sum = rows.sum(dim=1)
+    w_mean = w_sum / k
     for _ in range(iters):
-        qm, wm = codes.mean(dim=1), rows.mean(dim=1)
-        qc = codes - qm[:, None]
-        var = qc.square().sum(dim=1)
-        a = (qc * rows).sum(dim=1) / var.clamp_min(1e-12)
-        ok = (var > 0) & (a > 0)
+        q_sum = codes.sum(dim=1)
+        q_sq = torch.linalg.vector_norm(codes, dim=1).square_()
+        qw = torch.linalg.vecdot(rows, codes, dim=1)
+        q_mean = q_sum / k
+        var = q_sq - q_sum * q_mean  # sum (q - mean q)^2: 0, or at least (k - 1) / k for integer codes
+        a = (qw - q_mean * w_sum) / var.clamp_min(1e-12)
+        ok = (var > 0.25) & (a > 0)
         a = torch.where(ok, a, scale)
-        z = torch.where(ok, torch.round(-(wm - a * qm) / a), zero_point).clamp(0, qmax_u)
-        d = codes - z[:, None]
-        dd = d.square().sum(dim=1)
-        s = (rows * d).sum(dim=1) / dd.clamp_min(1e-12)
-        s = torch.where((dd > 0) & (s > 0), s, a)
-        c = torch.div(rows, s[:, None]).round_().add_(z[:, None]).clamp_(0, qmax_u)
-        e = err(c, s, z)
+        z = torch.where(ok, torch.round(-(w_mean - a * q_mean) / a), zero_point).clamp(0, qmax_u)
+        dd = q_sq - 2.0 * z * q_sum + k * z * z  # sum (q - z)^2: 0, or at least 1
+        s = (qw - z * w_sum) / dd.clamp_min(1e-12)
+        s = torch.where((dd > 0.5) & (s > 0), s, a)
+        torch.div(rows, s[:, None], out=buf).add_(z[:, None])
+        c = torch.round(buf).clamp_(0, qmax_u)
+        e = torch.linalg.vector_norm(buf.sub_(c), dim=1).square_().mul_(s * s)
         better = e < best
-        codes = torch.where(better[:, None], c, codes)
-        scale = torch.where(better, s, scale)
-        zero_point = torch.where(better, z, zero_point)
+        if bool(better.all()):
+            codes, scale, zero_point = c, s, z
+        else:
+            codes = torch.where(better[:, None], c, codes)
+            scale = torch.where(better, s, scale)
+            zero_point = torch.where(better, z, zero_point)
         best = torch.minimum(e, best)
     return (codes, scale, zero_point, best) if with_error else (codes, scale, zero_point)
 
