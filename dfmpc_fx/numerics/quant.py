@@ -59,13 +59,15 @@ class QuantizedWeight:
     group_size: Optional[int] = None  # input weights per scale; None: one scale per channel
     input_scale: Optional[torch.Tensor] = None  # (C_in,) factors along dim 1; None: none
 
-    def dequantize(self) -> torch.Tensor:
-        w = self._dequantize_codes()
+    def dequantize(self, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The float weight. ``out``: a tensor of the codes' shape and dtype to write it into
+        (per-channel and per-tensor layouts; a grouped one returns a new tensor)."""
+        w = self._dequantize_codes(out)
         if self.input_scale is None:
             return w
-        return w * column_view(self.input_scale.to(w.dtype), w.dim())
+        return w.mul_(column_view(self.input_scale.to(w.dtype), w.dim()))  # w is new (or out)
 
-    def _dequantize_codes(self) -> torch.Tensor:
+    def _dequantize_codes(self, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         # scales and zero points may be stored narrower (float16): compute in the codes' dtype
         scale_t = self.scale.to(self.codes.dtype)
         zp_t = self.zero_point.to(self.codes.dtype)
@@ -79,7 +81,9 @@ class QuantizedWeight:
             return ((rows - zp) * scale).reshape(self.codes.shape)
         shape = (-1,) + (1,) * (self.codes.dim() - 1)
         if self.scheme in ("symmetric", "ternary"):  # zero point is 0: one pass
-            return self.codes * scale_t.view(shape)
+            return torch.mul(self.codes, scale_t.view(shape), out=out) if out is not None else self.codes * scale_t.view(shape)
+        if out is not None:
+            return torch.sub(self.codes, zp_t.view(shape), out=out).mul_(scale_t.view(shape))
         return (self.codes - zp_t.view(shape)) * scale_t.view(shape)
 
     def with_scale_dtype(self, dtype: torch.dtype) -> "QuantizedWeight":

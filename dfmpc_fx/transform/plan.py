@@ -221,19 +221,22 @@ def plan_layer(inp: LayerInputs, cfg: DFMPCConfig) -> LayerPlan:
         rep.batchnorm_folded = inp.bn_name
     elif inp.fold_scales and bn is not None and bn.weight is not None and qw.scheme == "symmetric" \
             and qw.group_size is None and qw.scale.numel() == ref.shape[0] > 1:
-        qw, q, new_bias = _fold_scales_into_batchnorm(qw, new_bias, bn, update)
+        qw, q, new_bias = _fold_scales_into_batchnorm(qw, new_bias, bn, update, scratch=q)
         rep.scales_folded = True
     return LayerPlan(inp.name, inp.role, q, new_bias, qw, update, partner_scale, rep)
 
 
 def _fold_scales_into_batchnorm(
     qw: QuantizedWeight, bias: Optional[torch.Tensor], bn: BatchNormState, update: BatchNormUpdate,
+    scratch: Optional[torch.Tensor] = None,
 ) -> tuple[QuantizedWeight, torch.Tensor, Optional[torch.Tensor]]:
     """One scale ``S`` for the codes; each channel's ratio ``r = s / S`` moves into the
     BatchNorm that follows, which then gives the same output:
     ``gamma' (y / r - mu / r) / sqrt(v / r^2 + eps) + beta`` equals
     ``gamma (y - mu) / sqrt(v + eps) + beta`` for ``gamma' = gamma sqrt(v + eps r^2) / sqrt(v + eps)``
-    (``mu``, ``v``: the statistics after correction). The layer's own bias is divided by ``r``."""
+    (``mu``, ``v``: the statistics after correction). The layer's own bias is divided by ``r``.
+    ``scratch``: the unfolded dequantized weight, no longer needed: the folded one is written
+    into it (a fresh tensor of a large layer's size costs more than the pass)."""
     dtype = bn.var.dtype
     s = qw.scale.to(dtype)
     shared = s.log().mean().exp().to(qw.scale.dtype).reshape(1)  # geometric mean, in the storage dtype
@@ -243,7 +246,7 @@ def _fold_scales_into_batchnorm(
     update.running_var = (var / r.square()).to(bn.stats_dtype)
     update.weight = bn.weight * torch.sqrt(var + bn.eps * r.square()) / torch.sqrt(var + bn.eps)
     folded = QuantizedWeight(qw.codes, shared, torch.zeros_like(shared), qw.bits, qw.scheme, None, qw.input_scale)
-    return folded, folded.dequantize(), None if bias is None else bias / r.view(-1)
+    return folded, folded.dequantize(out=scratch), None if bias is None else bias / r.view(-1)
 
 
 def adds_bias(inp: LayerInputs, cfg: DFMPCConfig) -> bool:
