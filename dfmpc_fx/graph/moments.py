@@ -45,9 +45,14 @@ __all__ = ["MomentEstimate", "estimate_moments", "propagate_moments", "layer_inp
 _PASS_THROUGH_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.MaxPool1d, nn.MaxPool2d,
                          nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
                          nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d) + FLATTEN_MODULES
-# Pooling keeps each channel's mean; the variance is passed through unchanged, exact for a
-# spatially constant channel and an over-estimate otherwise (kept: it is what the committed
+# Average pooling keeps each channel's mean; the variance is passed through unchanged, exact for
+# a spatially constant channel and an over-estimate otherwise (kept: it is what the committed
 # checkpoints' digests were built with, and no spatial correlation is known without data).
+# Max pooling raises the mean, by between 0 (a spatially constant channel) and std * E[max of k
+# standard normals] (1.03 for a 2x2 window, 1.49 for 3x3, independent elements), and lowers the
+# variance; where it lands in between depends on the spatial correlation, unknown without data,
+# so it too is passed through (an under-estimate of the mean). Under a size budget the
+# recorded-mean calibration of the next BatchNorm (``mean_calibration``) absorbs part of it.
 
 Fn = Callable[[ChannelMoments], ChannelMoments]
 
