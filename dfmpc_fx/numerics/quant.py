@@ -81,10 +81,8 @@ class QuantizedWeight:
             return ((rows - zp) * scale).reshape(self.codes.shape)
         shape = (-1,) + (1,) * (self.codes.dim() - 1)
         if self.scheme in ("symmetric", "ternary"):  # zero point is 0: one pass
-            return torch.mul(self.codes, scale_t.view(shape), out=out) if out is not None else self.codes * scale_t.view(shape)
-        if out is not None:
-            return torch.sub(self.codes, zp_t.view(shape), out=out).mul_(scale_t.view(shape))
-        return (self.codes - zp_t.view(shape)) * scale_t.view(shape)
+            return torch.mul(self.codes, scale_t.view(shape), out=out)
+        return torch.sub(self.codes, zp_t.view(shape), out=out).mul_(scale_t.view(shape))
 
     def with_scale_dtype(self, dtype: torch.dtype) -> "QuantizedWeight":
         """The same codes with scales and zero points stored as ``dtype`` (float16 halves their
