@@ -356,6 +356,40 @@ def test_row_std_equals_torch_std() -> None:
         assert torch.equal(row_std(r), r.std(dim=1, correction=0)), tuple(r.shape)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_blockwise_float64_row_moments_equal_one_shot_reductions(threads: int) -> None:
+    """Large layers' row sums and norms are reduced block by block in a reused float64 buffer;
+    the result is the one-shot float64 reduction's, bit for bit, for rows shorter and longer than
+    a block, a row count that no block size divides, and 1-3 threads."""
+    from dfmpc_fx.numerics import quant
+
+    g = torch.Generator().manual_seed(3)
+    shapes = [(2048, 4608), (257, 4100), (7, 300_001), (1000, 2048), (4096, 257)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for shape in shapes:
+            rows = torch.randn(*shape, generator=g) * 0.02 + 0.001
+            assert rows.numel() >= quant._STD_CHUNKED_FROM or shape[0] < threads
+            total, norm = quant._float64_row_moments(rows)
+            assert torch.equal(total, rows.sum(dim=1, dtype=torch.float64)), shape
+            assert torch.equal(norm, torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64)), shape
+            assert torch.equal(quant.row_std(rows), rows.std(dim=1, correction=0)), shape
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_row_dot_equals_vecdot() -> None:
+    """The refinements' <w, q> with the product in a scratch buffer is linalg.vecdot's, bit for bit."""
+    from dfmpc_fx.numerics.quant import row_dot
+
+    g = torch.Generator().manual_seed(4)
+    for shape in [(2048, 4608), (16, 9), (3, 100_000), (64, 576)]:
+        a = torch.randn(*shape, generator=g)
+        b = torch.randn(*shape, generator=g).mul_(3).round_()
+        assert torch.equal(row_dot(a, b, torch.empty_like(a)), torch.linalg.vecdot(a, b, dim=1)), shape
+
+
 @pytest.mark.parametrize("widths", [[2, 3, 4, 5, 6, 8], [3], [8, 2, 6, 4], [5, 8], [4, 4]])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_quantize_uniform_widths_equals_one_call_per_width(widths: list[int], threads: int) -> None:

@@ -111,17 +111,24 @@ class _RowReference:
         self.u = None if in_var_per_weight is None else in_var_per_weight.to(torch.float64).expand_as(self.w)
         self.wu = self.w if self.u is None else self.w * self.u
         self.ww = (self.w * self.w).sum(dim=1)
-        self.signal = (self.wu * self.w).sum(dim=1) if ref_var is None else ref_var.to(torch.float64)
+        self.wuw = (self.wu * self.w).sum(dim=1)  # sum_k u_k W_k^2
+        self.signal = self.wuw if ref_var is None else ref_var.to(torch.float64)
 
     def ratios(self, quantized: torch.Tensor) -> list[float]:
         """The ratio of each option at once: ``quantized`` is ``(options, rows, K)``; one batched
-        pass instead of one small pass per option (the rows are short: calls cost)."""
+        pass instead of one small pass per option (the rows are short: calls cost). The three
+        products go through one scratch tensor (fresh float64 temporaries of a large layer's
+        sample page-fault: they cost more than the arithmetic)."""
         q = quantized.to(torch.float64)
         w, wu = self.w.unsqueeze(0), self.wu.unsqueeze(0)
-        gamma = (q * w).sum(dim=2) / self.ww.clamp_min(1e-300)
-        qu = q if self.u is None else q * self.u.unsqueeze(0)
-        noise = ((qu * q).sum(dim=2) - 2.0 * gamma * (q * wu).sum(dim=2)
-                 + gamma * gamma * (self.wu * self.w).sum(dim=1)).clamp_min(0.0)
+        buf = torch.empty_like(q)
+        gamma = torch.mul(q, w, out=buf).sum(dim=2) / self.ww.clamp_min(1e-300)
+        if self.u is None:
+            torch.mul(q, q, out=buf)
+        else:
+            torch.mul(q, self.u.unsqueeze(0), out=buf).mul_(q)  # (q u) q, as before
+        quq = buf.sum(dim=2)
+        noise = (quq - 2.0 * gamma * torch.mul(q, wu, out=buf).sum(dim=2) + gamma * gamma * self.wuw).clamp_min(0.0)
         ok = self.signal > 0
         if not bool(ok.any()):
             return [0.0] * q.shape[0]
