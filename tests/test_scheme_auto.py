@@ -92,16 +92,17 @@ def test_zero_point_option_is_chosen_where_rows_sit_off_zero_and_exports(tmp_pat
 
 
 @settings(max_examples=30, deadline=None)
-@given(bits=st.integers(2, 8), k=st.integers(2, 200), seed=st.integers(0, 2**16))
-def test_affine_refinement_error_is_the_direct_error(bits, k, seed):
+@given(bits=st.integers(2, 8), k=st.integers(2, 200), seed=st.integers(0, 2**16), iters=st.integers(1, 4))
+def test_affine_refinement_error_is_the_direct_error(bits, k, seed, iters):
     """The refinement reads each iterate's error from its rounding residual; it must be the
-    squared error of the codes it returns (what picking between starts relies on)."""
+    squared error of the codes it returns (what picking between starts relies on), also after
+    several iterations have swapped and partly merged its two code buffers."""
     from dfmpc_fx.numerics.quant import _quantize_rows, _refine_affine
 
     g = torch.Generator().manual_seed(seed)
     rows = torch.randn(5, k, generator=g) * 0.1 + torch.randn(5, 1, generator=g) * 0.05
     c, s, z = _quantize_rows(rows, bits, False, 0)
-    c, s, z, e = _refine_affine(rows, c, s, z, 2**bits - 1, 2, with_error=True)
+    c, s, z, e = _refine_affine(rows, c, s, z, 2**bits - 1, iters, with_error=True)
     direct = (rows - (c - z[:, None]) * s[:, None]).square().sum(dim=1)
     assert torch.allclose(e, direct, rtol=1e-4, atol=1e-10)
     assert int(c.min()) >= 0 and int(c.max()) <= 2**bits - 1
