@@ -320,3 +320,44 @@ def test_scoring_quantizer_is_the_layers_quantizer(kw):
         ref = quantize_for(w, opt.bits, cfg, opt.group_size, "budget", scheme=opt.scheme)
         assert got.scale.dtype == ref.scale.dtype
         assert torch.equal(got.dequantize(), ref.dequantize()), opt.label()
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("kw", [{"target_bits": 3.0}, {"target_bits": 2.5, "group_sizes": (32, 64)},
+                                {"target_bits": 4.0, "scale_dtype": "float32"}])
+def test_layers_scored_together_get_their_own_estimates(monkeypatch, kw, threads):
+    """Layers with the same options and row shape are scored in one stacked quantizer call; each
+    layer's estimates (and so the allocation) are the ones its own call gives, exactly, with 1-3
+    threads: resnet18's repeated convs (folded scales) and an MLP of equal Linears (zero-point
+    options, no BatchNorm), grouped options included."""
+    import torchvision
+
+    from dfmpc_fx.transform import budget
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                        nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    models = [torchvision.models.resnet18(weights=None, num_classes=10).eval(), mlp]
+    together = budget._quantize_samples_together
+    batched: list[int] = []
+
+    def recording(*args, **kwargs):
+        out = together(*args, **kwargs)
+        batched.append(len(out))
+        return out
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for model in models:
+            monkeypatch.setattr(budget, "_quantize_samples_together", recording)
+            q = dfmpc_fx.compress(model, **kw)
+            monkeypatch.setattr(budget, "_quantize_samples_together", lambda *a, **k: {})
+            alone = dfmpc_fx.compress(model, **kw)
+            got = {l.name: (l.bits, l.group_size, l.scheme, l.estimates) for l in dfmpc_fx.get_report(q).layers}
+            ref = {l.name: (l.bits, l.group_size, l.scheme, l.estimates) for l in dfmpc_fx.get_report(alone).layers}
+            assert got == ref
+            assert any("-asym" in label for est in got.values() for label in est[3]) or model is not mlp
+    finally:
+        torch.set_num_threads(before)
+    assert batched[0] >= 8 and batched[1] == 4  # resnet18's repeated 3x3 convs; the MLP's Linears with 64 inputs

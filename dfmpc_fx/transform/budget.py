@@ -11,7 +11,9 @@ import torch
 
 from ..config import DFMPCConfig
 from ..errors import ConfigError
-from ..numerics.allocation import Candidate, InfeasibleBudget, LayerCost, allocate, estimate_layer, price_of_bit
+from ..numerics.allocation import (
+    Candidate, InfeasibleBudget, LayerCost, allocate, estimate_layer, price_of_bit, sample_rows,
+)
 from ..numerics.quant import QuantizedWeight, quantize_uniform_widths
 from .input_scaling import input_factors_for
 from .plan import LayerInputs, quantize_for
@@ -66,6 +68,45 @@ def quantize_options(rows: torch.Tensor, options: list[Candidate], cfg: DFMPCCon
     return out
 
 
+def _quantize_samples_together(
+    inputs: list[LayerInputs], options: list[list[Candidate]], cfg: DFMPCConfig, max_rows: int = 16,
+) -> dict[int, list[torch.Tensor]]:
+    """The dequantized sample rows that :func:`~dfmpc_fx.numerics.allocation.estimate_layer`
+    scores, for layers that share their options and row shape (a ResNet's repeated blocks, a
+    transformer's q/k/v/o): their samples are stacked and quantized in one
+    :func:`quantize_options` call per option set instead of one per layer (the sample is a few
+    rows, so each call costs its operations' overhead, not arithmetic). Every quantizer under a
+    budget works row by row (per channel, or per group inside a row), so each layer gets what
+    its own call gives, bit for bit; layers with fewer sampled rows than torch has threads keep
+    their own call (``quantize_uniform_widths`` then goes width by width). ``{layer index: one
+    tensor per quantized option}``, only for the layers batched here."""
+    if cfg.method != "dfmpc":
+        return {}
+    threads = torch.get_num_threads()
+    together: dict[tuple, list[int]] = {}
+    picks: dict[int, torch.Tensor] = {}
+    for i, inp in enumerate(inputs):
+        w = inp.weight
+        rows = sample_rows(w.shape[0], max_rows)
+        if len(rows) < threads or any(o.bits is None for o in options[i]):
+            continue
+        picks[i] = rows
+        key = (tuple(options[i]), tuple(w.shape[1:]), w.dtype, w.device)
+        together.setdefault(key, []).append(i)
+    out: dict[int, list[torch.Tensor]] = {}
+    for key, members in together.items():
+        if len(members) < 2:
+            continue
+        samples = [inputs[i].weight[picks[i]] for i in members]
+        stacked = torch.cat(samples)
+        quantized = [q.dequantize() for q in quantize_options(stacked, list(key[0]), cfg)]
+        counts = [len(t) for t in samples]
+        per_option = [torch.split(q, counts) for q in quantized]
+        for j, i in enumerate(members):
+            out[i] = [parts[j] for parts in per_option]
+    return out
+
+
 def _input_variance_per_weight(inp: LayerInputs) -> Optional[torch.Tensor]:
     """The input variance each weight of a row multiplies: ``(K,)``, or ``(C_out, K)`` for a
     grouped convolution (each row sees its own group's channels)."""
@@ -94,12 +135,16 @@ def layer_costs(
     layers' own (a part of a model compressed part by part passes its qualified names)."""
     costs: list[LayerCost] = []
     raw: dict[str, list[float]] = {}
+    all_names = [names[i] if names is not None else inp.name for i, inp in enumerate(inputs)]
+    all_options = [candidates_for(name, cfg, inp.weight[0].numel(), inp.folds_into_batchnorm)
+                   for name, inp in zip(all_names, inputs)]
+    scored = _quantize_samples_together(inputs, all_options, cfg)
     for i, inp in enumerate(inputs):
-        name = names[i] if names is not None else inp.name
-        row_len = inp.weight[0].numel()
-        options = candidates_for(name, cfg, row_len, inp.folds_into_batchnorm)
+        name, options = all_names[i], all_options[i]
 
-        def quantize(rows: torch.Tensor, opts: list[Candidate]) -> list[torch.Tensor]:
+        def quantize(rows: torch.Tensor, opts: list[Candidate], i: int = i, inp: LayerInputs = inp) -> list[torch.Tensor]:
+            if i in scored:
+                return scored[i]
             return [q.dequantize() for q in quantize_options(rows, opts, cfg, inp.role)]
 
         cost = estimate_layer(
