@@ -198,3 +198,32 @@ def test_minilm_factors_beat_none_at_the_same_budget(minilm):
             st[0].model = bert
         cos[flag] = float(F.cosine_similarity(out, ref).mean())
     assert cos[True] > cos[False] + 0.003, cos
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("quantizer", ["per_channel", "grouped", "zero_point", "per_tensor"])
+def test_stacked_candidates_choose_what_one_call_per_candidate_chooses(quantizer, threads):
+    """With ``row_wise`` the five exponents' rows are quantized in one stacked call; the choice,
+    its factors and the saved ratio are those of one call per exponent, exactly, with 1-3
+    threads. A per-tensor quantizer is not row-wise: compress never stacks for it, and stacking
+    it would change the result (the control that the comparison can fail)."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(80, 48, 3, 3, generator=g) * 0.05
+    var = torch.rand(48, generator=g).pow(3) * 4 + 1e-3
+    quantize = {
+        "per_channel": lambda x: quantize_uniform(x, 3).dequantize(),
+        "grouped": lambda x: quantize_uniform(x, 3, group_size=64).dequantize(),
+        "zero_point": lambda x: quantize_uniform(x, 3, symmetric=False, affine_from_symmetric=True).dequantize(),
+        "per_tensor": lambda x: quantize_uniform(x, 2, per_channel=False).dequantize(),
+    }[quantizer]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        alone = choose_input_factors(w, var, quantize, torch.float16)
+        stacked = choose_input_factors(w, var, quantize, torch.float16, row_wise=True)
+    finally:
+        torch.set_num_threads(before)
+    same = (alone.alpha == stacked.alpha and alone.saved == stacked.saved
+            and (alone.factors is None) == (stacked.factors is None)
+            and (alone.factors is None or torch.equal(alone.factors, stacked.factors)))
+    assert same == (quantizer != "per_tensor"), (alone, stacked)

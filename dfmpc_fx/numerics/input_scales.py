@@ -59,13 +59,18 @@ def choose_input_factors(
     ref_var: Optional[torch.Tensor] = None,
     exponents: tuple[float, ...] = INPUT_SCALE_EXPONENTS,
     max_rows: int = 64,
+    row_wise: bool = False,
 ) -> InputFactors:
     """:class:`InputFactors` of a weight ``(C_out, C_in, *kernel)`` whose input channels have
     variances ``in_var`` ``(C_in,)``: the exponent whose ``Q(W / t) * t`` has the least
     predicted output noise-to-signal on (at most ``max_rows``) sampled rows; ``factors`` is
     None for ``alpha = 0`` or when the variances give nothing to weigh (all equal, none
     positive, not finite). ``quantize(w)`` returns the dequantized ``w`` at the reference width;
-    ``ref_var``: the float output variance per channel where a BatchNorm recorded it."""
+    ``ref_var``: the float output variance per channel where a BatchNorm recorded it.
+    ``row_wise``: ``quantize`` treats each row on its own (per-channel or grouped scales), so the
+    candidates' rows are stacked and quantized in one call (each row as its own call gives it;
+    not done with fewer sampled rows than torch has threads, where a reduction's split could
+    move a value by an ulp)."""
     v = in_var.detach()
     if v.numel() != weight.shape[1] or v.numel() < 2 or not bool(torch.isfinite(v).all()) or not float(v.max()) > 0:
         return InputFactors(0.0, None, 0.0)
@@ -77,15 +82,19 @@ def choose_input_factors(
     u = v.repeat_interleave(k) if k > 1 else v
     reference = _RowReference(w.reshape(w.shape[0], -1), u, None if ref_var is None else ref_var[rows])
     candidates: list[Optional[torch.Tensor]] = []
-    quantized = []
+    scaled: list[torch.Tensor] = []  # the rows each candidate quantizes: W / t
+    columns: list[Optional[torch.Tensor]] = []
     for alpha in exponents:
         t = None if alpha == 0 else input_channel_factors(v, alpha, store_dtype)
         candidates.append(t)
-        if t is None:
-            quantized.append(quantize(w))
-        else:
-            tv = column_view(t.to(w.dtype), w.dim())
-            quantized.append(quantize(w / tv) * tv)
+        tv = None if t is None else column_view(t.to(w.dtype), w.dim())
+        columns.append(tv)
+        scaled.append(w if tv is None else w / tv)
+    if row_wise and len(scaled) > 1 and w.shape[0] >= torch.get_num_threads():
+        rounded = list(torch.split(quantize(torch.cat(scaled)), w.shape[0]))
+    else:
+        rounded = [quantize(x) for x in scaled]
+    quantized = [q if tv is None else q * tv for q, tv in zip(rounded, columns)]
     ratios = reference.ratios(torch.stack([q.reshape(w.shape[0], -1) for q in quantized]))
     best = min(range(len(exponents)), key=lambda i: (ratios[i], exponents[i]))
     plain = ratios[exponents.index(0.0)] if 0.0 in exponents else ratios[best]

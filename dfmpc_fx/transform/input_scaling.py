@@ -41,8 +41,10 @@ def input_factors_for(inp: LayerInputs, cfg: DFMPCConfig, bits: int, group_size:
     def quantize(w: torch.Tensor) -> torch.Tensor:
         return quantize_for(w, bits, cfg, group_size, inp.role, scheme=scheme).dequantize()
 
+    # quantize_for's per-channel and grouped quantizers work row by row (per_tensor does not)
+    row_wise = cfg.method == "dfmpc" and (group_size is not None or cfg.granularity == "per_channel")
     return choose_input_factors(inp.weight, inp.in_moments.var, quantize, store,
-                                inp.bn.var if inp.bn is not None else None)
+                                inp.bn.var if inp.bn is not None else None, row_wise=row_wise)
 
 
 def assign_input_scales(inputs: Iterable[LayerInputs], cfg: DFMPCConfig) -> None:
