@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 
 from .allocation import _RowReference, sample_rows
-from .quant import column_view
+from .quant import column_view, reduces_row_by_row
 
 __all__ = ["INPUT_SCALE_EXPONENTS", "InputFactors", "column_view", "input_channel_factors", "choose_input_factors"]
 
@@ -90,7 +90,7 @@ def choose_input_factors(
         tv = None if t is None else column_view(t.to(w.dtype), w.dim())
         columns.append(tv)
         scaled.append(w if tv is None else w / tv)
-    if row_wise and len(scaled) > 1 and w.shape[0] >= torch.get_num_threads():
+    if row_wise and len(scaled) > 1 and reduces_row_by_row(w.shape[0]):
         rounded = list(torch.split(quantize(torch.cat(scaled)), w.shape[0]))
     else:
         rounded = [quantize(x) for x in scaled]

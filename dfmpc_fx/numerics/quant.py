@@ -26,6 +26,7 @@ __all__ = [
     "row_std",
     "quantize_uniform_widths",
     "row_dot",
+    "reduces_row_by_row",
 ]
 
 #: Storage dtypes of scales and zero points: float32 (the weight's dtype, exact) or float16
@@ -120,6 +121,15 @@ def _check_weight(w: torch.Tensor, bits: int) -> None:
         raise ValueError(f"bits={bits} out of range 2..16")
 
 
+def reduces_row_by_row(n_rows: int) -> bool:
+    """Whether torch reduces each row of an ``(n_rows, K)`` tensor along dim 1 in one thread, so
+    a row's result does not depend on the rows around it: true from as many rows as torch has
+    threads. With fewer, it may split a row's own reduction, and a row can then move by an ulp
+    between a batch and a call of its own. The batched and blockwise paths here and in the
+    allocator (stacked scoring, stacked input-factor candidates) hold only where this is true."""
+    return n_rows >= torch.get_num_threads()
+
+
 #: Elements of one float64 chunk in :func:`row_std` (2 MiB), and the layer size from which the
 #: chunked path pays (below it the one-shot reductions are as fast).
 _STD_CHUNK = 262_144
@@ -134,10 +144,11 @@ def _float64_row_moments(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     kernel on the same values. Blocks hold at least as many rows as torch has threads, so each
     row is still reduced by one thread, in the order the one-shot reduction uses."""
     c, k = rows.shape
-    threads = torch.get_num_threads()
-    if rows.numel() < _STD_CHUNKED_FROM or c < threads or not rows.is_contiguous() or rows.device.type != "cpu":
+    if rows.numel() < _STD_CHUNKED_FROM or not reduces_row_by_row(c) or not rows.is_contiguous() \
+            or rows.device.type != "cpu":
         return (rows.sum(dim=1, dtype=torch.float64),
                 torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64))
+    threads = torch.get_num_threads()
     step = max(threads, _STD_CHUNK // k)
     total = torch.empty(c, dtype=torch.float64)
     norm = torch.empty(c, dtype=torch.float64)
@@ -458,7 +469,7 @@ def quantize_uniform_widths(w: torch.Tensor, widths: list[int]) -> list[Quantize
         _check_weight(w, b)
     rows = w.detach().reshape(w.shape[0], -1)
     c = rows.shape[0]
-    if c < torch.get_num_threads():
+    if not reduces_row_by_row(c):
         # fewer rows than threads: torch splits a row's own reduction across threads, and that
         # split depends on how many rows there are, so stacking could move a scale by an ulp
         return [quantize_uniform(w, b) for b in widths]

@@ -14,7 +14,7 @@ from ..errors import ConfigError
 from ..numerics.allocation import (
     Candidate, InfeasibleBudget, LayerCost, allocate, estimate_layer, price_of_bit, sample_rows,
 )
-from ..numerics.quant import QuantizedWeight, quantize_uniform_widths
+from ..numerics.quant import QuantizedWeight, quantize_uniform_widths, reduces_row_by_row
 from .input_scaling import input_factors_for
 from .plan import LayerInputs, quantize_for
 
@@ -68,8 +68,13 @@ def quantize_options(rows: torch.Tensor, options: list[Candidate], cfg: DFMPCCon
     return out
 
 
+#: Output channels of each layer the allocator scores its options on
+#: (:func:`~dfmpc_fx.numerics.allocation.estimate_layer`'s ``max_rows``).
+SCORED_ROWS = 16
+
+
 def _quantize_samples_together(
-    inputs: list[LayerInputs], options: list[list[Candidate]], cfg: DFMPCConfig, max_rows: int = 16,
+    inputs: list[LayerInputs], options: list[list[Candidate]], cfg: DFMPCConfig, max_rows: int,
 ) -> dict[int, list[torch.Tensor]]:
     """The dequantized sample rows that :func:`~dfmpc_fx.numerics.allocation.estimate_layer`
     scores, for layers that share their options and row shape (a ResNet's repeated blocks, a
@@ -82,13 +87,12 @@ def _quantize_samples_together(
     tensor per quantized option}``, only for the layers batched here."""
     if cfg.method != "dfmpc":
         return {}
-    threads = torch.get_num_threads()
     together: dict[tuple, list[int]] = {}
     picks: dict[int, torch.Tensor] = {}
     for i, inp in enumerate(inputs):
         w = inp.weight
         rows = sample_rows(w.shape[0], max_rows)
-        if len(rows) < threads or any(o.bits is None for o in options[i]):
+        if not reduces_row_by_row(len(rows)) or any(o.bits is None for o in options[i]):
             continue
         picks[i] = rows
         key = (tuple(options[i]), tuple(w.shape[1:]), w.dtype, w.device)
@@ -138,7 +142,7 @@ def layer_costs(
     all_names = [names[i] if names is not None else inp.name for i, inp in enumerate(inputs)]
     all_options = [candidates_for(name, cfg, inp.weight[0].numel(), inp.folds_into_batchnorm)
                    for name, inp in zip(all_names, inputs)]
-    scored = _quantize_samples_together(inputs, all_options, cfg)
+    scored = _quantize_samples_together(inputs, all_options, cfg, SCORED_ROWS)
     for i, inp in enumerate(inputs):
         name, options = all_names[i], all_options[i]
 
@@ -149,8 +153,8 @@ def layer_costs(
 
         cost = estimate_layer(
             name, inp.weight, options, quantize, _input_variance_per_weight(inp),
-            inp.bn.var if inp.bn is not None else None, cfg.scheme_for, scale_bits=cfg.scale_bits,
-            folded=inp.fold_scales,
+            inp.bn.var if inp.bn is not None else None, cfg.scheme_for, max_rows=SCORED_ROWS,
+            scale_bits=cfg.scale_bits, folded=inp.fold_scales,
         )
         raw[name] = list(cost.damage)
         g = gains.get(inp.name, 1.0)
