@@ -126,11 +126,10 @@ def build_rows(peers: bool = False, ablation: bool = False) -> list[Row]:
 # --------------------------------------------------------------------------- evaluation
 
 
-def predictions_correct(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                        batch_size: int = EVAL_BATCH) -> torch.Tensor:
-    """Boolean tensor: is each test image classified correctly (top-1)? Eval mode,
-    inference_mode, channels_last copies (about 2x faster on one CPU thread; same results up to
-    float rounding). The model passed in is not modified."""
+def model_logits(model: nn.Module, images: torch.Tensor, batch_size: int = EVAL_BATCH) -> torch.Tensor:
+    """The model's outputs on ``images``, ``(N, classes)``. Eval mode, inference_mode,
+    channels_last copies (about 2x faster on one CPU thread; same results up to float
+    rounding). The model passed in is not modified."""
     was_training = model.training
     model.eval()
     model = model.to(memory_format=torch.channels_last)  # in place on the module; same function
@@ -138,11 +137,27 @@ def predictions_correct(model: nn.Module, images: torch.Tensor, labels: torch.Te
     try:
         with torch.inference_mode():
             for s in range(0, images.shape[0], batch_size):
-                x = images[s:s + batch_size].contiguous(memory_format=torch.channels_last)
-                out.append(model(x).argmax(dim=1) == labels[s:s + batch_size])
+                out.append(model(images[s:s + batch_size].contiguous(memory_format=torch.channels_last)))
     finally:
         model.train(was_training)
     return torch.cat(out)
+
+
+def predictions_correct(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                        batch_size: int = EVAL_BATCH) -> torch.Tensor:
+    """Boolean tensor: is each test image classified correctly (top-1)? See :func:`model_logits`."""
+    return model_logits(model, images, batch_size).argmax(dim=1) == labels
+
+
+def fidelity(logits: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """How closely a compressed model reproduces the float model on the same images:
+    (top-1 agreement with the reference's predictions in percent, relative logit error
+    ``||z - z_ref||^2 / ||z_ref - mean(z_ref)||^2``). What a data-free method can aim at: it
+    has no labels, so it can only reproduce the float model, not improve on it."""
+    agree = 100.0 * float((logits.argmax(dim=1) == reference.argmax(dim=1)).float().mean())
+    centred = reference - reference.mean(dim=0)
+    err = float(((logits.double() - reference.double()) ** 2).sum() / (centred.double() ** 2).sum())
+    return round(agree, 2), err
 
 
 def accuracies(correct: torch.Tensor) -> tuple[float, float]:

@@ -12,6 +12,9 @@ plain; the MP2/6 and MP3/6 pair layouts; the paper's method at MP2/6; HQQ (PyPI 
 one scale and zero per group, no correction) at W2/W3/W4 g64 and W2 g32; and the data-aware
 reference: BatchNorm re-estimated on 2,000 training images at the allocator's own widths.
 
+Each row also records its fidelity to the float model on the same test images: top-1
+agreement with FP32's predictions and the relative logit error (``accuracy.fidelity``).
+
 Sizes: ``bits/w`` averages over every conv/linear weight (float layers count 32; scales and zero
 points counted: 32 bits each for ours, fp16 scale + fp16 zero per group for HQQ, as HQQ stores
 them); ``bytes`` is the whole model as ``get_report(q).compressed_bytes`` counts it (for HQQ the
@@ -139,6 +142,7 @@ def run_model(name: str, subset: Optional[int], threads: int, peers: bool = Fals
         images, labels = images[:subset], labels[:subset]
     out: dict[str, Any] = {"rows": []}
     sizes: dict[str, int] = dict(known_sizes or {})
+    reference = acc.model_logits(load_pretrained(name), images)  # what every row is held against
     t_model = time.perf_counter()
     for row in rows(peers):
         if only and not row["key"].startswith(only):
@@ -195,8 +199,9 @@ def run_model(name: str, subset: Optional[int], threads: int, peers: bool = Fals
             out["rows"].append(res)
             continue
         sizes[row["key"]] = res["bytes"]
-        correct = acc.predictions_correct(final, images, labels)
-        res["acc"] = round(100.0 * float(correct.float().mean()), 2)
+        logits = acc.model_logits(final, images)
+        res["acc"] = round(100.0 * float((logits.argmax(dim=1) == labels).float().mean()), 2)
+        res["agree"], res["logit_err"] = acc.fidelity(logits, reference)
         res["seconds"] = round(time.perf_counter() - t0, 1)
         out["rows"].append(res)
         print(f"{name:20s} {row['key']:20s} {res['acc']:6.2f}% @ {res['bits_per_weight']:.3f} b/w "
@@ -221,19 +226,23 @@ def comparisons(mres: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for a in [r for r in rs if r["family"] == "allocator"]:
         line = {"key": a["key"], "acc": a["acc"], "bits_per_weight": a["bits_per_weight"], "bytes": a["bytes"],
-                "drop": round(fp32 - a["acc"], 2), "vs": {}}
+                "drop": round(fp32 - a["acc"], 2), "agree": a.get("agree"), "vs": {}}
         for fam in ("uniform corrected", "uniform plain", "MP layout", "paper", "HQQ", PEER_FAMILY):
             rivals = [r for r in rs if r["family"] == fam and r["bytes"] <= a["bytes"]]
             if rivals:
                 best = max(rivals, key=lambda r: r["acc"])
                 line["vs"][fam] = {"key": best["key"], "acc": best["acc"], "bytes": best["bytes"],
-                                   "ok": a["acc"] >= best["acc"] - TIE}
+                                   "agree": best.get("agree"), "ok": a["acc"] >= best["acc"] - TIE}
         ref = next((r for r in rs if r["key"] == a.get("bytes_of")), None)
         if ref is not None:  # budgeted at exactly this row's bytes (its own size is at most that)
             line["vs"]["matched"] = {"key": ref["key"], "acc": ref["acc"], "bytes": ref["bytes"],
-                                     "ok": a["acc"] >= ref["acc"] - TIE and a["bytes"] <= ref["bytes"]}
+                                     "agree": ref.get("agree"), "ok": a["acc"] >= ref["acc"] - TIE and a["bytes"] <= ref["bytes"]}
         out.append(line)
     return out
+
+
+def _agreement(row: dict[str, Any]) -> str:
+    return f" ({row['agree']:.2f})" if row.get("agree") is not None else ""
 
 
 def render(results: dict[str, Any]) -> str:
@@ -243,21 +252,28 @@ def render(results: dict[str, Any]) -> str:
              f"{meta['total_seconds'] / 60:.1f} min wall ({meta['jobs']} worker(s), one thread each); "
              f"top-1 on {meta['n_test']} Fashion-MNIST test images. `bits/w` over every conv/linear weight, "
              "scales and zero points counted; `kB` = whole model as `compressed_bytes` counts it. "
+             "*agrees with FP32*: share of test images on which the row predicts what the float model "
+             "predicts; *logit error*: `||z - z_fp32||^2 / ||z_fp32 - mean||^2` over the test set (a data-free "
+             "method has no labels: reproducing the float model is what it can aim at). "
              "Plot: `benchmarks/budget_pareto.png`.", ""]
     for extra in meta.get("added", []):
         lines += [f"Rows added by `{extra['command']}` ({extra['started_utc']}, {extra['total_seconds'] / 60:.1f} min).", ""]
     for name, mres in results["models"].items():
         rs = mres["rows"]
         fp32 = next((r["acc"] for r in rs if r["key"] == "fp32"), None)
-        lines += [f"### {name} (FP32 {fp32})", "", "| row | family | top-1 | drop | bits/w | kB |", "|---|---|---|---|---|---|"]
+        lines += [f"### {name} (FP32 {fp32})", "", "| row | family | top-1 | drop | agrees with FP32 % | logit error | bits/w | kB |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in sorted(rs, key=lambda r: r.get("bytes", 0)):
             if "acc" not in r:
-                lines.append(f"| {r['key']} | {r['family']} | — | — | — | {r.get('skipped', '')} |")
+                lines.append(f"| {r['key']} | {r['family']} | — | — | — | — | — | {r.get('skipped', '')} |")
                 continue
-            lines.append(f"| {r['key']} | {r['family']} | {r['acc']:.2f} | {fp32 - r['acc']:.2f} | "
+            agree = f"{r['agree']:.2f}" if "agree" in r else "not measured"
+            err = f"{r['logit_err']:.1e}" if "logit_err" in r else "not measured"
+            lines.append(f"| {r['key']} | {r['family']} | {r['acc']:.2f} | {fp32 - r['acc']:.2f} | {agree} | {err} | "
                          f"{r['bits_per_weight']:.3f} | {r['bytes'] / 1e3:.1f} |")
         lines += ["", "Equal size: each allocator point against the most accurate row of each family at the same or "
-                  f"a smaller size in bytes (tie within {TIE} point counts).", "",
+                  f"a smaller size in bytes (tie within {TIE} point counts); in brackets, each row's agreement with "
+                  "FP32's predictions (%).", "",
                   "| allocator | top-1 @ bits/w | budgeted at the bytes of | uniform corr. | uniform plain | MP layout | paper | HQQ | peers |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for c in comparisons(mres):
@@ -269,8 +285,8 @@ def render(results: dict[str, Any]) -> str:
                 elif v is None:
                     cells.append("none smaller" if any(r["family"] == fam and "acc" in r for r in rs) else "not run")
                 else:
-                    cells.append(f"{v['key']} {v['acc']:.2f} {'✔' if v['ok'] else '✘'}")
-            lines.append(f"| {c['key']} | {c['acc']:.2f} @ {c['bits_per_weight']:.3f} | " + " | ".join(cells) + " |")
+                    cells.append(f"{v['key']} {v['acc']:.2f} {'✔' if v['ok'] else '✘'}{_agreement(v)}")
+            lines.append(f"| {c['key']} | {c['acc']:.2f} @ {c['bits_per_weight']:.3f}{_agreement(c)} | " + " | ".join(cells) + " |")
         lines.append("")
     lines.append(END)
     return "\n".join(lines) + "\n"

@@ -21,3 +21,21 @@ def test_exact_mcnemar_matches_the_binomial_tail(paired) -> None:
     assert paired.exact_mcnemar(62, 36) == pytest.approx(2 * tail)
     assert 0.005 < paired.exact_mcnemar(62, 36) < 0.02
     assert paired.exact_mcnemar(10, 1) < paired.exact_mcnemar(10, 5) < paired.exact_mcnemar(10, 9)
+
+
+def test_fidelity_counts_agreement_and_relative_logit_error(benchmark_module) -> None:
+    import torch
+
+    fidelity = benchmark_module("accuracy").fidelity
+    ref = torch.tensor([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    assert fidelity(ref.clone(), ref) == (100.0, 0.0)
+    # one of four predictions flips; the error is the squared change over the centred reference
+    moved = ref.clone()
+    moved[2] = torch.tensor([0.0, 1.5, 1.0])
+    agree, err = fidelity(moved, ref)
+    assert agree == 75.0
+    centred = ref - ref.mean(dim=0)
+    assert err == pytest.approx(1.5 ** 2 / float((centred ** 2).sum()))
+    # a constant shift of every logit changes no prediction but counts as error
+    agree, err = fidelity(ref + 1.0, ref)
+    assert agree == 100.0 and err == pytest.approx(12.0 / float((centred ** 2).sum()))
