@@ -319,12 +319,20 @@ def _fmt(v: Any, nd: int = 2) -> str:
     return "-" if v is None else f"{v:.{nd}f}"
 
 
+#: Ends this script's part of BENCHMARKS.md; what follows it (the MTCNN, MiniLM and fidelity
+#: sections, written from their own scripts' output) is kept when the table is rewritten.
+GENERATED_END = "<!-- accuracy:end -->"
+
+
 def _write_markdown(path: Path, text: str) -> None:
-    """Write BENCHMARKS.md, keeping the accuracy-per-byte section benchmarks/budget.py owns."""
+    """Write BENCHMARKS.md, keeping the accuracy-per-byte section benchmarks/budget.py owns
+    and everything after :data:`GENERATED_END`."""
     begin, end = "<!-- budget:begin -->", "<!-- budget:end -->"
     old = path.read_text() if path.is_file() else ""
     if begin in old and end in old:
         text = old[old.index(begin):old.index(end) + len(end)] + "\n\n" + text
+    if GENERATED_END in old and text.rstrip("\n").endswith(GENERATED_END):
+        text = text.rstrip("\n") + old[old.index(GENERATED_END) + len(GENERATED_END):]
     path.write_text(text)
 
 
@@ -400,6 +408,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines += summarize_model(name, mres)
         lines.append("")
     lines += NOTES
+    lines.append(GENERATED_END)
     return "\n".join(lines) + "\n"
 
 

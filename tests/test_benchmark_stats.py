@@ -39,3 +39,20 @@ def test_fidelity_counts_agreement_and_relative_logit_error(benchmark_module) ->
     # a constant shift of every logit changes no prediction but counts as error
     agree, err = fidelity(ref + 1.0, ref)
     assert agree == 100.0 and err == pytest.approx(12.0 / float((centred ** 2).sum()))
+
+
+def test_rewriting_the_accuracy_tables_keeps_the_other_sections(benchmark_module, tmp_path) -> None:
+    acc = benchmark_module("accuracy")
+    path = tmp_path / "BENCHMARKS.md"
+    budget = "<!-- budget:begin -->\nbudget tables\n<!-- budget:end -->"
+    tail = "\n\n## MTCNN\nhand-written from mtcnn.py\n"
+    path.write_text(budget + "\n\nold accuracy tables\n" + acc.GENERATED_END + tail)
+    acc._write_markdown(path, "new accuracy tables\n" + acc.GENERATED_END + "\n")
+    text = path.read_text()
+    assert text.startswith(budget + "\n\nnew accuracy tables\n")
+    assert "old accuracy tables" not in text
+    assert text.endswith("new accuracy tables\n" + acc.GENERATED_END + tail)
+    # a file without the marker keeps nothing after the generated part (as before)
+    path.write_text(budget + "\n\nold accuracy tables\n")
+    acc._write_markdown(path, "new\n")
+    assert path.read_text() == budget + "\n\nnew\n"
