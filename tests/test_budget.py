@@ -361,3 +361,32 @@ def test_layers_scored_together_get_their_own_estimates(monkeypatch, kw, threads
     finally:
         torch.set_num_threads(before)
     assert batched[0] >= 8 and batched[1] == 4  # resnet18's repeated 3x3 convs; the MLP's Linears with 64 inputs
+
+
+@pytest.mark.parametrize("kw", [{"target_bits": 3.0, "granularity": "per_tensor"},
+                                {"target_bits": 3.0, "granularity": "per_tensor", "group_sizes": (32,)}])
+def test_per_tensor_options_are_not_scored_stacked(monkeypatch, kw):
+    """A per-tensor option's one scale would span every stacked layer's sample: such layers keep
+    their own call (stacked, 16 of resnet18's 21 layers got other estimates)."""
+    import torchvision
+
+    from dfmpc_fx.transform import budget
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    together = budget._quantize_samples_together
+    batched: list[int] = []
+
+    def recording(*args, **kwargs):
+        out = together(*args, **kwargs)
+        batched.append(len(out))
+        return out
+
+    monkeypatch.setattr(budget, "_quantize_samples_together", recording)
+    q = dfmpc_fx.compress(model, **kw)
+    monkeypatch.setattr(budget, "_quantize_samples_together", lambda *a, **k: {})
+    alone = dfmpc_fx.compress(model, **kw)
+    got = {l.name: (l.bits, l.group_size, l.estimates) for l in dfmpc_fx.get_report(q).layers}
+    ref = {l.name: (l.bits, l.group_size, l.estimates) for l in dfmpc_fx.get_report(alone).layers}
+    assert got == ref
+    assert batched == [0]

@@ -16,7 +16,7 @@ from ..numerics.allocation import (
 )
 from ..numerics.quant import QuantizedWeight, quantize_uniform_widths, reduces_row_by_row
 from .input_scaling import input_factors_for
-from .plan import LayerInputs, quantize_for
+from .plan import LayerInputs, quantize_for, quantizes_row_by_row
 
 __all__ = ["BudgetChoice", "choose_widths", "candidates_for", "DefaultBudgetWarning", "layer_costs", "quantize_options", "reserve_input_factors", "solve_widths"]
 
@@ -80,19 +80,20 @@ def _quantize_samples_together(
     scores, for layers that share their options and row shape (a ResNet's repeated blocks, a
     transformer's q/k/v/o): their samples are stacked and quantized in one
     :func:`quantize_options` call per option set instead of one per layer (the sample is a few
-    rows, so each call costs its operations' overhead, not arithmetic). Every quantizer under a
-    budget works row by row (per channel, or per group inside a row), so each layer gets what
-    its own call gives, bit for bit; layers with fewer sampled rows than torch has threads keep
-    their own call (``quantize_uniform_widths`` then goes width by width). ``{layer index: one
-    tensor per quantized option}``, only for the layers batched here."""
-    if cfg.method != "dfmpc":
-        return {}
+    rows, so each call costs its operations' overhead, not arithmetic). Only layers whose every
+    option quantizes row by row (:func:`~dfmpc_fx.transform.plan.quantizes_row_by_row`: per
+    channel, or per group inside a row) are stacked, so each gets what its own call gives, bit
+    for bit; the others (``granularity="per_tensor"``'s one scale per weight) and layers with
+    fewer sampled rows than torch has threads keep their own call (``quantize_uniform_widths``
+    then goes width by width). ``{layer index: one tensor per quantized option}``, only for the
+    layers batched here."""
     together: dict[tuple, list[int]] = {}
     picks: dict[int, torch.Tensor] = {}
     for i, inp in enumerate(inputs):
         w = inp.weight
         rows = sample_rows(w.shape[0], max_rows)
-        if not reduces_row_by_row(len(rows)) or any(o.bits is None for o in options[i]):
+        if not reduces_row_by_row(len(rows)) \
+                or any(o.bits is None or not quantizes_row_by_row(cfg, o.group_size) for o in options[i]):
             continue
         picks[i] = rows
         key = (tuple(options[i]), tuple(w.shape[1:]), w.dtype, w.device)

@@ -19,7 +19,7 @@ import torch
 
 from ..config import DFMPCConfig
 from ..numerics.input_scales import InputFactors, choose_input_factors
-from .plan import LayerInputs, quantize_for
+from .plan import LayerInputs, quantize_for, quantizes_row_by_row
 
 __all__ = ["assign_input_scales", "input_factors_for"]
 
@@ -41,10 +41,9 @@ def input_factors_for(inp: LayerInputs, cfg: DFMPCConfig, bits: int, group_size:
     def quantize(w: torch.Tensor) -> torch.Tensor:
         return quantize_for(w, bits, cfg, group_size, inp.role, scheme=scheme).dequantize()
 
-    # quantize_for's per-channel and grouped quantizers work row by row (per_tensor does not)
-    row_wise = cfg.method == "dfmpc" and (group_size is not None or cfg.granularity == "per_channel")
     return choose_input_factors(inp.weight, inp.in_moments.var, quantize, store,
-                                inp.bn.var if inp.bn is not None else None, row_wise=row_wise)
+                                inp.bn.var if inp.bn is not None else None,
+                                row_wise=quantizes_row_by_row(cfg, group_size))
 
 
 def assign_input_scales(inputs: Iterable[LayerInputs], cfg: DFMPCConfig) -> None:

@@ -101,6 +101,14 @@ class LayerPlan:
 PAIR_ROLES: frozenset[str] = frozenset({LOW, HIGH})
 
 
+def quantizes_row_by_row(cfg: DFMPCConfig, group_size: Optional[int] = None) -> bool:
+    """Whether :func:`quantize_for` at ``group_size`` treats each output channel on its own (per
+    channel or per group inside a row, ``method="dfmpc"``), so that rows stacked from several
+    weights quantize as each weight's own call would; ``granularity="per_tensor"`` and the
+    paper's quantizers share one scale over all rows."""
+    return cfg.method == "dfmpc" and (group_size is not None or cfg.granularity == "per_channel")
+
+
 def quantize_for(
     ref: torch.Tensor, bits: int, cfg: DFMPCConfig, group_size: Optional[int] = None, role: Optional[str] = None,
     input_scale: Optional[torch.Tensor] = None, scheme: Optional[str] = None,
@@ -136,7 +144,7 @@ def quantize_for(
     else:
         scheme = scheme or cfg.scheme_for(group_size)
         # "auto"'s zero-point layers start from the symmetric solution too (never worse than it)
-        qw = quantize_weight(ref, bits, scheme=scheme, per_channel=group_size is not None or cfg.granularity == "per_channel",
+        qw = quantize_weight(ref, bits, scheme=scheme, per_channel=quantizes_row_by_row(cfg, group_size),
                              group_size=group_size, affine_from_symmetric=cfg.scheme == "auto" and scheme == "asymmetric")
     # "float32" keeps the weight's own dtype (exact); "float16" stores scales at half the bytes
     return qw.with_scale_dtype(torch.float16) if cfg.scale_bits == 16 else qw
