@@ -322,6 +322,30 @@ def test_scoring_quantizer_is_the_layers_quantizer(kw):
         assert torch.equal(got.dequantize(), ref.dequantize()), opt.label()
 
 
+def _stacked_and_alone(monkeypatch, model: nn.Module, kw: dict) -> tuple[dict, dict, int]:
+    """Each layer's (bits, group size, scheme, estimates) with the stacked scoring and with every
+    layer scored by its own call, and how many layers the stacked scoring batched."""
+    from dfmpc_fx.transform import budget
+
+    together = budget._quantize_samples_together
+    batched: list[int] = []
+
+    def recording(*args, **kwargs):
+        out = together(*args, **kwargs)
+        batched.append(len(out))
+        return out
+
+    monkeypatch.setattr(budget, "_quantize_samples_together", recording)
+    q = dfmpc_fx.compress(model, **kw)
+    monkeypatch.setattr(budget, "_quantize_samples_together", lambda *a, **k: {})
+    alone = dfmpc_fx.compress(model, **kw)
+    monkeypatch.setattr(budget, "_quantize_samples_together", together)
+    got, ref = ({l.name: (l.bits, l.group_size, l.scheme, l.estimates) for l in dfmpc_fx.get_report(m).layers}
+                for m in (q, alone))
+    (n,) = batched
+    return got, ref, n
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("kw", [{"target_bits": 3.0}, {"target_bits": 2.5, "group_sizes": (32, 64)},
                                 {"target_bits": 4.0, "scale_dtype": "float32"}])
@@ -332,30 +356,17 @@ def test_layers_scored_together_get_their_own_estimates(monkeypatch, kw, threads
     options, no BatchNorm), grouped options included."""
     import torchvision
 
-    from dfmpc_fx.transform import budget
-
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
                         nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
     models = [torchvision.models.resnet18(weights=None, num_classes=10).eval(), mlp]
-    together = budget._quantize_samples_together
     batched: list[int] = []
-
-    def recording(*args, **kwargs):
-        out = together(*args, **kwargs)
-        batched.append(len(out))
-        return out
-
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         for model in models:
-            monkeypatch.setattr(budget, "_quantize_samples_together", recording)
-            q = dfmpc_fx.compress(model, **kw)
-            monkeypatch.setattr(budget, "_quantize_samples_together", lambda *a, **k: {})
-            alone = dfmpc_fx.compress(model, **kw)
-            got = {l.name: (l.bits, l.group_size, l.scheme, l.estimates) for l in dfmpc_fx.get_report(q).layers}
-            ref = {l.name: (l.bits, l.group_size, l.scheme, l.estimates) for l in dfmpc_fx.get_report(alone).layers}
+            got, ref, n = _stacked_and_alone(monkeypatch, model, kw)
+            batched.append(n)
             assert got == ref
             assert any("-asym" in label for est in got.values() for label in est[3]) or model is not mlp
     finally:
@@ -370,23 +381,7 @@ def test_per_tensor_options_are_not_scored_stacked(monkeypatch, kw):
     their own call (stacked, 16 of resnet18's 21 layers got other estimates)."""
     import torchvision
 
-    from dfmpc_fx.transform import budget
-
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(weights=None, num_classes=10).eval()
-    together = budget._quantize_samples_together
-    batched: list[int] = []
-
-    def recording(*args, **kwargs):
-        out = together(*args, **kwargs)
-        batched.append(len(out))
-        return out
-
-    monkeypatch.setattr(budget, "_quantize_samples_together", recording)
-    q = dfmpc_fx.compress(model, **kw)
-    monkeypatch.setattr(budget, "_quantize_samples_together", lambda *a, **k: {})
-    alone = dfmpc_fx.compress(model, **kw)
-    got = {l.name: (l.bits, l.group_size, l.estimates) for l in dfmpc_fx.get_report(q).layers}
-    ref = {l.name: (l.bits, l.group_size, l.estimates) for l in dfmpc_fx.get_report(alone).layers}
+    got, ref, n = _stacked_and_alone(monkeypatch, torchvision.models.resnet18(weights=None, num_classes=10).eval(), kw)
     assert got == ref
-    assert batched == [0]
+    assert n == 0
