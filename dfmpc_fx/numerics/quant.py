@@ -313,7 +313,7 @@ def _refine_affine(
     """
     k = rows.shape[1]
     buf = torch.empty_like(rows)
-    cand: Optional[torch.Tensor] = None  # the next iterate's codes (two code buffers, swapped)
+    cand = torch.empty_like(rows) if iters else None  # the next iterate's codes (two code buffers, swapped)
     torch.sub(codes, zero_point[:, None], out=buf).mul_(scale[:, None])
     best = torch.linalg.vector_norm(torch.sub(rows, buf, out=buf), dim=1).square_()
     w_sum = rows.sum(dim=1)
@@ -332,8 +332,6 @@ def _refine_affine(
         s = (qw - z * w_sum) / dd.clamp_min(1e-12)
         s = torch.where((dd > 0.5) & (s > 0), s, a)
         torch.div(rows, s[:, None], out=buf).add_(z[:, None])
-        if cand is None:
-            cand = torch.empty_like(rows)
         c = torch.round(buf, out=cand).clamp_(0, qmax_u)
         e = torch.linalg.vector_norm(buf.sub_(c), dim=1).square_().mul_(s * s)
         better = e < best
