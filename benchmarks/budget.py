@@ -199,7 +199,7 @@ def run_model(name: str, subset: Optional[int], threads: int, peers: bool = Fals
             out["rows"].append(res)
             continue
         sizes[row["key"]] = res["bytes"]
-        logits = acc.model_logits(final, images)
+        logits = reference if row["kind"] == "fp32" else acc.model_logits(final, images)
         res["acc"] = round(100.0 * float((logits.argmax(dim=1) == labels).float().mean()), 2)
         res["agree"], res["logit_err"] = acc.fidelity(logits, reference)
         res["seconds"] = round(time.perf_counter() - t0, 1)
