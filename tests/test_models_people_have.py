@@ -512,3 +512,136 @@ def test_markdown_lists_the_reasons() -> None:
     md = get_report(dfmpc_fx.compress(FunctionalAttn().eval(), concrete_args={"embed": False})).to_markdown()
     assert "| qkv | fp32 | weight used through a functional call (get_attr), kept in float |" in md
     assert "| unused | fp32 | not reached by forward |" in md
+
+
+# --------------------------------------------------------------------------------------------
+# tied weights, wrapped models, weights not loaded
+# --------------------------------------------------------------------------------------------
+class _TiedPair(nn.Module):
+    """Two Linear layers given one Parameter, then an untied head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 8)
+        self.b.weight = self.a.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+class _TiedEmbedding(nn.Module):
+    """An output projection tied to its input embedding, as in language models."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.mix, self.out = nn.Embedding(100, 16), nn.Linear(16, 16), nn.Linear(16, 100)
+        self.out.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.mix(self.emb(ids))))
+
+
+def _storages(m: nn.Module) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in list(m.parameters()) + list(m.buffers())}
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("budget", [None, 3.0])
+def test_tied_weights_stay_float_tied_and_within_the_budget(mode: str, budget) -> None:
+    """A layer whose weight another module holds stays float with a reason (quantizing one
+    holder would store the weight twice), the tie holds in the result, the budget counts the
+    tensor once, and the result shares no tensor with the input."""
+    torch.manual_seed(0)
+    for net, tied, x in ((_TiedPair(), ["a", "b"], torch.randn(4, 32)),
+                         (_TiedEmbedding(), ["out"], torch.randint(0, 100, (2, 5)))):
+        net.train(mode == "train")
+        cfg = DFMPCConfig(target_bits=budget) if budget else DFMPCConfig(low_bits=2, high_bits=6)
+        if budget:
+            # the float tied layers alone exceed 3 bits/w of the model: the error says so, typed
+            with pytest.raises(dfmpc_fx.ConfigError, match="weights are tied"):
+                dfmpc_fx.compress(net, cfg)
+            cfg = DFMPCConfig(target_bits=30.0)
+        q = dfmpc_fx.compress(net, cfg)
+        rep = get_report(q)
+        by_name = {r.name: r for r in rep.layers}
+        for name in tied:
+            assert by_name[name].bits is None and "weight tied" in by_name[name].reason, by_name[name]
+        quantized = [r for r in rep.layers if r.bits is not None]
+        assert quantized and all(r.name not in tied for r in quantized)
+        if budget:
+            assert rep.bits_per_weight <= 30.0 + 1e-9
+        holders = [q.get_submodule(n).weight for n in tied] + ([q.emb.weight] if hasattr(net, "emb") else [])
+        assert all(h is holders[0] for h in holders), "the tie must hold in the result"
+        assert not _storages(net) & _storages(q), "the result shares a tensor with the input"
+        net.eval()
+        with torch.no_grad():
+            assert q(x).shape == net(x).shape
+        assert rep.compressed_bytes < rep.float_bytes
+
+
+def test_tied_layer_inside_a_leaf_is_reported_as_tied() -> None:
+    class Leafy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.block, self.fc = nn.Embedding(50, 16), nn.Sequential(nn.Linear(16, 50)), nn.Linear(50, 4)
+            self.block[0].weight = self.emb.weight
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.block(self.emb(ids)))
+
+    net = Leafy().eval()
+    q = dfmpc_fx.compress(net, leaf_modules=["block"], low_bits=4, high_bits=6, default_bits=4)
+    reason = {r.name: r.reason for r in get_report(q).layers}["block.0"]
+    assert "weight tied" in reason
+    assert q.block[0].weight is q.emb.weight and not _storages(net) & _storages(q)
+
+
+@pytest.mark.parametrize("wrap", ["compile", "data_parallel"])
+def test_wrapped_models_compress_what_they_wrap(wrap: str) -> None:
+    """torch.compile's OptimizedModule and DataParallel do not trace; compress takes the module
+    inside, warns that the result is not wrapped, and says so in the report."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 4)).eval()
+    wrapped = torch.compile(net) if wrap == "compile" else nn.DataParallel(net)
+    with pytest.warns(UserWarning, match="the result is not wrapped"):
+        q = dfmpc_fx.compress(wrapped, example_inputs=torch.randn(2, 3, 8, 8))
+    direct = dfmpc_fx.compress(net)
+    assert q.code == direct.code
+    for k, v in direct.state_dict().items():
+        assert torch.equal(v, q.state_dict()[k]), k
+    assert any("is not wrapped" in w for w in get_report(q).warnings)
+
+
+def test_weights_on_the_meta_device_are_a_typed_error() -> None:
+    with torch.device("meta"):
+        net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(dfmpc_fx.InvalidModelError, match="meta device"):
+        dfmpc_fx.compress(net)
+
+
+def test_hugging_face_conv1d_is_reported_float_with_a_reason() -> None:
+    """GPT-2's projections are transformers' Conv1D, not a torch conv/linear: each is in the
+    report, kept in float with the reason; the lm_head tied to the token embedding stays float."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=16,
+                                  bos_token_id=0, eos_token_id=0)
+    net = transformers.GPT2LMHeadModel(cfg).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = dfmpc_fx.compress(net, low_bits=4, high_bits=6, default_bits=4)
+    rows = {r.name: r for r in get_report(q).layers}
+    conv1d = [n for n, m in net.named_modules() if type(m).__name__ == "Conv1D"]
+    assert len(conv1d) == 4
+    for name in conv1d:
+        assert rows[name].bits is None and "Conv1D" in rows[name].reason
+    assert rows["lm_head"].bits is None and "weight tied" in rows["lm_head"].reason
+    with pytest.raises(dfmpc_fx.ConfigError, match="lm_head"):
+        dfmpc_fx.compress(net, target_bits=4.0)
+    # example_inputs as a dict of keywords: the result is run with them as keywords
+    ids = torch.randint(0, 100, (2, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = dfmpc_fx.compress(net, low_bits=4, high_bits=6, default_bits=4, example_inputs={"input_ids": ids})
+    with torch.no_grad():
+        assert torch.allclose(q(input_ids=ids).logits, net(input_ids=ids).logits, atol=1e-5)

@@ -8,7 +8,7 @@ odd ones start high (bottleneck 1x1-3x3-1x1: high-low-high; plain chains likewis
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Mapping, Optional
 
 from ..config import DFMPCConfig
 from .pairs import CompensablePair, PairSearch
@@ -32,9 +32,11 @@ class BitPlan:
         return None
 
 
-def assign_bits(search: PairSearch, cfg: DFMPCConfig) -> BitPlan:
+def assign_bits(search: PairSearch, cfg: DFMPCConfig, keep_float: Mapping[str, str] = {}) -> BitPlan:
+    """``keep_float``: layers the graph keeps in float whatever the config (tied weights), by
+    name, with the reason."""
     layers = search.layers
-    pinned: dict[str, str] = {}
+    pinned: dict[str, str] = {name: FLOAT for name in keep_float}
     for name in cfg.skip_layers:
         if name not in layers:
             raise_unknown = [n for n in layers][:10]
@@ -51,7 +53,8 @@ def assign_bits(search: PairSearch, cfg: DFMPCConfig) -> BitPlan:
     for p in search.pairs:
         if p.first in pinned or p.second in pinned:
             which = p.first if p.first in pinned else p.second
-            why = "skipped by skip_layers" if pinned[which] == FLOAT else f"first/last layer kept at {cfg.first_last_bits} bits"
+            why = (keep_float.get(which, "skipped by skip_layers") if pinned[which] == FLOAT
+                   else f"first/last layer kept at {cfg.first_last_bits} bits")
             excluded.append((p, f"{which}: {why}"))
         else:
             usable.append(p)
@@ -87,19 +90,20 @@ def assign_bits(search: PairSearch, cfg: DFMPCConfig) -> BitPlan:
     return BitPlan(roles=roles, bits=bits, active_pairs=active, excluded_pairs=excluded)
 
 
-def budget_roles(search: PairSearch, cfg: DFMPCConfig) -> BitPlan:
+def budget_roles(search: PairSearch, cfg: DFMPCConfig, keep_float: Mapping[str, str] = {}) -> BitPlan:
     """Roles under a size budget: every layer is the allocator's (``budget``) except those in
     ``skip_layers`` (float). No pair compensates: each quantized layer is corrected on its own,
     and where a BatchNorm follows, its variance takes the restoration a partner's scale would
     (the same correction for a positively homogeneous activation). ``bits`` holds a placeholder
-    (the widest candidate) until the allocator has chosen."""
+    (the widest candidate) until the allocator has chosen. ``keep_float``: as :func:`assign_bits`
+    (float whatever ``fixed_bits`` says)."""
     layers = search.layers
     for name in list(cfg.skip_layers) + list(cfg.fixed_bits):
         if name not in layers:
             from ..errors import ConfigError
 
             raise ConfigError(f"{name!r} (skip_layers / fixed_bits) is not a weighted layer; some are: {layers[:10]}")
-    roles = {name: FLOAT if name in cfg.skip_layers else BUDGET for name in layers}
+    roles = {name: FLOAT if name in cfg.skip_layers or name in keep_float else BUDGET for name in layers}
     widest = max(cfg.candidate_bits)
     bits = {name: None if roles[name] == FLOAT else cfg.fixed_bits.get(name, widest) for name in layers}
     why = "not used under a size budget: each layer is corrected on its own (its BatchNorm absorbs the variance restoration)"

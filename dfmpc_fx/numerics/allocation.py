@@ -171,6 +171,8 @@ def allocate(costs: Sequence[LayerCost], budget_bits: float) -> list[int]:
     floor = _total(costs, smallest)
     if floor > budget_bits * (1 + 1e-12):
         raise InfeasibleBudget(budget_bits, floor)
+    if not costs:  # every layer pinned (kept in float, tied): nothing to choose
+        return []
     table = _OptionTable(costs)
     best = table.pick(0.0)
     if _total(costs, best) <= budget_bits:

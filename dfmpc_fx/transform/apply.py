@@ -41,14 +41,14 @@ def _remove_batchnorm(gm: GraphModule, name: str) -> None:
 
 def apply_plans(gm: GraphModule, plans: Iterable[LayerPlan]) -> None:
     """Write every plan into ``gm`` (a working copy that shares only the float conv/linear
-    weights with the user's model: those are replaced, never written)."""
+    weights with the user's model: those are replaced or left as they are, never written)."""
     removed = False
     for plan in plans:
         layer = gm.get_submodule(plan.name)
         w_dtype = layer.weight.dtype
         if plan.qweight is None:
-            # Kept in float: give the copy its own weight (it was shared with the input model).
-            layer.weight = nn.Parameter(plan.weight.to(w_dtype).clone(), requires_grad=layer.weight.requires_grad)
+            # Kept in float: the weight is still the input model's tensor; compress gives the copy
+            # its own afterwards, one copy per tensor (``_own_every_tensor``), so ties hold.
             continue
         if plan.bn_update is not None and plan.bn_update.remove:
             _remove_batchnorm(gm, plan.bn_update.name)

@@ -34,6 +34,7 @@ from .plan import BatchNormState, LayerInputs, LayerPlan, adds_bias, plan_layer,
 from ..graph.moments import MomentEstimate, estimate_moments
 from ..graph.sensitivity import output_noise_gains
 from ..graph.pairs import BATCHNORM_MODULES, WEIGHTED_MODULES, _consumers, search_graph
+from ..graph.ties import tied_layers, weight_holders
 from .report import REPORT_KEY, CompressionReport, LayerReport, get_report
 from ..graph.tracing import LeafSpec, structural_copy, trace_model, trace_with_example
 
@@ -50,6 +51,13 @@ def _check_model(model: nn.Module) -> None:
     tensors = [(kind, name, t.detach()) for kind, items in (("parameter", model.named_parameters()),
                                                               ("buffer", model.named_buffers()))
                for name, t in items if torch.is_floating_point(t) and t.numel() > 0]
+    meta = next(((kind, name) for kind, name, t in tensors if t.is_meta), None)
+    if meta is not None:
+        raise InvalidModelError(
+            f"{meta[0]} {meta[1]!r} is on the meta device (it has a shape but no values): load the model's "
+            "weights first (e.g. `model.to_empty(device='cpu')` then `load_state_dict(...)`, or "
+            "`load_state_dict(..., assign=True)`), then compress"
+        )
     # One amax and one amin per tensor (NaN propagates, Inf shows as an extreme; two plain
     # reductions are 6x faster than one aminmax on CPU) and one check for all of them: a sync
     # per tensor costs more than the passes on a large model.
@@ -169,6 +177,57 @@ def _traced_working_copy(
     return gm
 
 
+def _own_every_tensor(gm: nn.Module, model: nn.Module) -> None:
+    """Give ``gm`` its own copy of every tensor it still shares with ``model`` (the weights of
+    layers kept in float, an embedding whose weight a layer holds too): one copy per tensor, so a
+    tie inside the model is a tie inside the copy."""
+    theirs = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
+    copies: dict[int, torch.Tensor] = {}
+    for mod in gm.modules():
+        for store in (mod._parameters, mod._buffers):
+            for key, t in store.items():
+                if t is None or id(t) not in theirs:
+                    continue
+                if id(t) not in copies:
+                    copies[id(t)] = (nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad)
+                                     if isinstance(t, nn.Parameter) else t.detach().clone())
+                store[key] = copies[id(t)]
+
+
+#: Set while :func:`_compress_by_parts` visits a copy of the model: every parameter's holders in
+#: the whole model (a part alone does not see that its layer's weight is tied to a module outside it).
+_WEIGHT_HOLDERS: contextvars.ContextVar[Optional[dict[int, list[str]]]] = contextvars.ContextVar(
+    "dfmpc_weight_holders", default=None)
+
+
+def _naming_tied_layers(exc: ConfigError, tied: list[str]) -> ConfigError:
+    """``exc`` (a budget out of reach), naming the layers kept in float for their tied weights."""
+    if not tied:
+        return exc
+    shown = ", ".join(tied[:5]) + (f" and {len(tied) - 5} more" if len(tied) > 5 else "")
+    return ConfigError(f"{exc}. Kept in float because their weights are tied (each counts 32 bits/w): {shown}; "
+                       "untie them to quantize them (`layer.weight = nn.Parameter(layer.weight.detach().clone())`)")
+
+
+def _unwrapped(model: nn.Module) -> tuple[nn.Module, Optional[str]]:
+    """The model inside ``torch.compile``'s wrapper and ``DataParallel`` /
+    ``DistributedDataParallel`` (which fx cannot trace), with a note saying so."""
+    inner, names = model, []
+    while True:
+        if isinstance(inner, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            names.append(f"{type(inner).__name__} (.module)")
+            inner = inner.module
+        elif type(inner).__name__ == "OptimizedModule" and isinstance(getattr(inner, "_orig_mod", None), nn.Module):
+            names.append("torch.compile's OptimizedModule (._orig_mod)")
+            inner = inner._orig_mod
+        else:
+            break
+    if not names:
+        return model, None
+    return inner, (f"compressed the {type(inner).__name__} inside {' inside '.join(names)}: the result is not "
+                   "wrapped; wrap or torch.compile it again if you need to")
+
+
 def _layer_size(layer: nn.Module) -> int:
     return layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
 
@@ -182,6 +241,21 @@ def _float_bytes(model: nn.Module) -> int:
 _KEPT_BY_PLAN = "kept in float by the bit plan (skip_layers, or default_bits=None)"
 _FUNCTIONAL = "weight used through a functional call (get_attr), kept in float"
 _NOT_REACHED = "not reached by forward"
+_HF_CONV1D = ("Hugging Face Conv1D (GPT-2's projection layer, its weight stored transposed) is not a "
+              "Conv1d/Conv2d/Linear: not quantized, kept in float, and not in bits_per_weight")
+
+
+def _is_hf_conv1d(mod: nn.Module) -> bool:
+    return type(mod).__name__ == "Conv1D" and type(mod).__module__.startswith("transformers.")
+
+
+def _unsupported_layer_reports(model: nn.Module, seen: set[str]) -> list[LayerReport]:
+    """Float reports for the weighted layers of types we do not quantize (Hugging Face Conv1D),
+    so that none is left out silently."""
+    return [LayerReport(name=name, kind=type(mod).__name__, role="float", bits=None,
+                        numel=mod.weight.numel(), reason=_HF_CONV1D)
+            for name, mod in model.named_modules()
+            if name not in seen and _is_hf_conv1d(mod) and isinstance(getattr(mod, "weight", None), torch.Tensor)]
 
 
 class _BareLayer(nn.Module):
@@ -206,11 +280,16 @@ def _account_all_layers(model: nn.Module, gm: GraphModule, reports: list[LayerRe
     attrs = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
     called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
     out = list(reports)
-    for name, mod in model.named_modules():
-        if name in seen or not isinstance(mod, WEIGHTED_MODULES) or not isinstance(getattr(mod, "weight", None), torch.Tensor):
-            continue
+    modules = dict(model.named_modules())
+    unseen = [name for name, mod in modules.items() if name not in seen and isinstance(mod, WEIGHTED_MODULES)
+              and isinstance(getattr(mod, "weight", None), torch.Tensor)]
+    tied = tied_layers(modules, unseen, _WEIGHT_HOLDERS.get() or weight_holders(model))
+    for name in unseen:
+        mod = modules[name]
         leaf = next((c for c in called if name.startswith(c + ".")), None)
-        if any(a.startswith(name + ".") for a in attrs):
+        if name in tied:
+            reason = tied[name]
+        elif any(a.startswith(name + ".") for a in attrs):
             reason = _FUNCTIONAL
         elif leaf is not None:
             reason = f"inside {leaf!r}, traced as one call (leaf module), kept in float"
@@ -218,10 +297,10 @@ def _account_all_layers(model: nn.Module, gm: GraphModule, reports: list[LayerRe
             reason = _NOT_REACHED
         out.append(LayerReport(name=name, kind=type(mod).__name__, role="float", bits=None,
                                numel=mod.weight.numel(), reason=reason))
-    return out
+    return out + _unsupported_layer_reports(model, seen)
 
 
-def _quantize_inside_leaves(gm: GraphModule, seen: Iterable[str], cfg: DFMPCConfig) -> list[LayerReport]:
+def _quantize_inside_leaves(gm: GraphModule, seen: Iterable[str], cfg: DFMPCConfig, model: nn.Module) -> list[LayerReport]:
     """Plain rounding (default bits, no compensation or BatchNorm correction) of the conv/linear
     layers inside modules traced as one call (timm registers whole blocks such as NormFreeBlock
     and MobileVitBlock as not traceable): their forward is opaque, so nothing is derived, but
@@ -231,6 +310,7 @@ def _quantize_inside_leaves(gm: GraphModule, seen: Iterable[str], cfg: DFMPCConf
     seen = set(seen)
     reports: list[LayerReport] = []
     called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    holders = _WEIGHT_HOLDERS.get() or weight_holders(model)
     for leaf_name in sorted(called):
         leaf = gm.get_submodule(leaf_name)
         if isinstance(leaf, WEIGHTED_MODULES):
@@ -241,6 +321,8 @@ def _quantize_inside_leaves(gm: GraphModule, seen: Iterable[str], cfg: DFMPCConf
                 continue
             if not isinstance(getattr(sub, "weight", None), nn.Parameter):
                 continue
+            if len(holders.get(id(sub.weight), [])) > 1:
+                continue  # tied: left to _account_all_layers, which gives the reason
             ref = sub.weight.detach()
             qw = quantize_for(ref.float(), cfg.default_bits, cfg, role="default")
             q = qw.dequantize().to(ref.dtype)
@@ -324,6 +406,14 @@ def _compress_by_parts(model: nn.Module, cfg: DFMPCConfig, leaf_modules: tuple, 
         part_cfg = dataclasses.replace(cfg, first_last_bits=None)
 
     def visit(mod: nn.Module, prefix: str) -> None:
+        if not prefix:  # the whole model's copy: each part sees which of its weights are tied outside it
+            token = _WEIGHT_HOLDERS.set(weight_holders(mod))
+            try:
+                visit(mod, ".")
+            finally:
+                _WEIGHT_HOLDERS.reset(token)
+            return
+        prefix = prefix.lstrip(".")
         for child_name, child in list(mod.named_children()):
             name = f"{prefix}{child_name}"
             if not any(isinstance(m, WEIGHTED_MODULES) for m in child.modules()):
@@ -359,8 +449,13 @@ def _compress_by_parts(model: nn.Module, cfg: DFMPCConfig, leaf_modules: tuple, 
             weight_count = _weight_count(model)
             fixed_weight_bits = 32.0 * (weight_count - quantized)
             other_bits = 8.0 * _float_bytes(model) - 32.0 * weight_count + pool.extra_bits
-            choices = solve_widths(pool.costs, pool.raw, pool.gains, cfg, fixed_weight_bits, weight_count, other_bits,
-                                   report_warnings)
+            try:
+                choices = solve_widths(pool.costs, pool.raw, pool.gains, cfg, fixed_weight_bits, weight_count,
+                                       other_bits, report_warnings)
+            except ConfigError as exc:
+                modules = dict(model.named_modules())
+                weighted = [n for n, m in modules.items() if isinstance(m, WEIGHTED_MODULES)]
+                raise _naming_tied_layers(exc, list(tied_layers(modules, weighted, weight_holders(model)))) from None
             pool.choices, pool.reserved = reserve_input_factors(
                 pool.inputs, pool.names, pool.costs, pool.raw, choices, pool.gains, cfg, fixed_weight_bits,
                 weight_count, other_bits, report_warnings)
@@ -378,6 +473,7 @@ def _compress_by_parts(model: nn.Module, cfg: DFMPCConfig, leaf_modules: tuple, 
         if isinstance(mod, WEIGHTED_MODULES) and name not in done:
             reports.insert(order[name], LayerReport(name=name, kind=type(mod).__name__, role="float", bits=None,
                                                     numel=mod.weight.numel(), reason="in no part that traces"))
+    reports += _unsupported_layer_reports(model, {r.name for r in reports})
     float_bytes = _float_bytes(model)
     report = CompressionReport(
         config=cfg.to_dict(), layers=reports, pairs=pairs, excluded_pairs=excluded, refusals=refusals,
@@ -390,11 +486,13 @@ def _compress_by_parts(model: nn.Module, cfg: DFMPCConfig, leaf_modules: tuple, 
 
 
 def _check_runs(qmodel: nn.Module, example_inputs: Any) -> None:
-    """Run ``qmodel`` once so that a compressed model that cannot run fails here, typed."""
+    """Run ``qmodel`` once so that a compressed model that cannot run fails here, typed
+    (``example_inputs``: a tensor, a tuple of arguments, or a dict of keyword arguments)."""
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    kwargs = example_inputs if isinstance(example_inputs, dict) else None
     try:
         with torch.no_grad():
-            qmodel(*args)
+            qmodel(**kwargs) if kwargs is not None else qmodel(*args)
     except Exception as exc:
         raise CompressedModelError(
             f"the compressed {type(qmodel).__name__} failed on example_inputs: {type(exc).__name__}: {exc}. "
@@ -436,6 +534,16 @@ def compress(
     """
     if output not in ("graph", "module"):
         raise ConfigError(f"output must be 'graph' (a GraphModule) or 'module' (the model's own class), got {output!r}")
+    inner, wrapper_note = _unwrapped(model) if isinstance(model, nn.Module) else (model, None)
+    if wrapper_note is not None:
+        warnings.warn(wrapper_note, UserWarning, stacklevel=2)
+        result = compress(inner, config, concrete_args=concrete_args, leaf_modules=leaf_modules,
+                          example_inputs=example_inputs, output=output, untraceable=untraceable, **overrides)
+        stored = result.meta if isinstance(result, GraphModule) else None
+        report = stored.get(REPORT_KEY) if stored is not None else getattr(result, REPORT_KEY, None)
+        if isinstance(report, dict):
+            report.setdefault("warnings", []).append(wrapper_note)
+        return result
     if untraceable not in ("auto", "parts", "raise"):
         raise ConfigError(f"untraceable must be 'auto', 'parts' or 'raise', got {untraceable!r}")
     if isinstance(model, WEIGHTED_MODULES) and not isinstance(model, GraphModule):
@@ -498,7 +606,9 @@ def compress(
         raise InvalidModelError(
             f"{type(model).__name__} has no Conv1d/Conv2d/Linear module reached by its forward: nothing to quantize"
         )
-    plan = budget_roles(search, cfg) if cfg.has_budget else assign_bits(search, cfg)
+    modules = dict(gm.named_modules())
+    tied = tied_layers(modules, search.layers, _WEIGHT_HOLDERS.get() or weight_holders(model))
+    plan = budget_roles(search, cfg, tied) if cfg.has_budget else assign_bits(search, cfg, tied)
     if not plan.active_pairs and not cfg.has_budget:
         msg = (f"{type(model).__name__} has no compensable pair ({len(search.refusals)} candidates refused: "
                f"{search.refusal_counts()}); quantizing every layer at its default bit width without compensation")
@@ -507,10 +617,17 @@ def compress(
 
     moments = estimate_moments(gm, cfg.input_mean, cfg.input_std) if cfg.method == "dfmpc" else MomentEstimate()
     weight_count = _weight_count(model)
-    plans = _plan_layers(gm, plan, search.layers, moments, cfg, report_warnings, weight_count, float_bytes)
+    try:
+        plans = _plan_layers(gm, plan, search.layers, moments, cfg, report_warnings, weight_count, float_bytes)
+    except ConfigError as exc:
+        raise _naming_tied_layers(exc, list(tied)) from None
     apply_plans(gm, plans)
     layer_reports = [p.report for p in plans]
-    layer_reports += _quantize_inside_leaves(gm, search.layers, cfg)
+    for r in layer_reports:
+        if r.name in tied:
+            r.reason = tied[r.name]
+    layer_reports += _quantize_inside_leaves(gm, search.layers, cfg, model)
+    _own_every_tensor(gm, model)
     layer_reports = _account_all_layers(model, gm, layer_reports)
     gm.eval()
     compressed_bytes = _compressed_bytes(gm)
