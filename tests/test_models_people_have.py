@@ -619,29 +619,82 @@ def test_weights_on_the_meta_device_are_a_typed_error() -> None:
         dfmpc_fx.compress(net)
 
 
-def test_hugging_face_conv1d_is_reported_float_with_a_reason() -> None:
-    """GPT-2's projections are transformers' Conv1D, not a torch conv/linear: each is in the
-    report, kept in float with the reason; the lm_head tied to the token embedding stays float."""
+def _tiny_gpt2():
     transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=16,
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=16,
                                   bos_token_id=0, eos_token_id=0)
-    net = transformers.GPT2LMHeadModel(cfg).eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        q = dfmpc_fx.compress(net, low_bits=4, high_bits=6, default_bits=4)
-    rows = {r.name: r for r in get_report(q).layers}
-    conv1d = [n for n, m in net.named_modules() if type(m).__name__ == "Conv1D"]
-    assert len(conv1d) == 4
-    for name in conv1d:
-        assert rows[name].bits is None and "Conv1D" in rows[name].reason
-    assert rows["lm_head"].bits is None and "weight tied" in rows["lm_head"].reason
-    with pytest.raises(dfmpc_fx.ConfigError, match="lm_head"):
-        dfmpc_fx.compress(net, target_bits=4.0)
-    # example_inputs as a dict of keywords: the result is run with them as keywords
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def test_hugging_face_conv1d_is_compressed_as_linear() -> None:
+    """GPT-2's projections are transformers' Conv1D (``x @ W + b``, W stored transposed): each is
+    compressed as an nn.Linear computing the same function (16 bits: the model's function kept),
+    the input model keeps its Conv1D layers, untouched, and the report says what was done; the
+    lm_head, tied to the token embedding, stays float with its reason."""
+    net = _tiny_gpt2()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
     ids = torch.randint(0, 100, (2, 8))
+    conv1d = [n for n, m in net.named_modules() if type(m).__name__ == "Conv1D"]
+    assert len(conv1d) == 8
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        q = dfmpc_fx.compress(net, low_bits=4, high_bits=6, default_bits=4, example_inputs={"input_ids": ids})
+        q = dfmpc_fx.compress(net, BITS16, example_inputs={"input_ids": ids})  # a dict: run with keywords
+    rep = get_report(q)
+    rows = {r.name: r for r in rep.layers}
+    for name in conv1d:
+        assert rows[name].bits == 16 and rows[name].kind == "Linear", rows[name]
+        assert isinstance(q.get_submodule(name), nn.Linear)
+    assert rows["lm_head"].bits is None and "weight tied" in rows["lm_head"].reason
+    assert any("8 Hugging Face Conv1D layers" in w for w in rep.warnings)
     with torch.no_grad():
-        assert torch.allclose(q(input_ids=ids).logits, net(input_ids=ids).logits, atol=1e-5)
+        assert rel(q(input_ids=ids).logits, net(input_ids=ids).logits) < 1e-3
+    assert all(type(net.get_submodule(n)).__name__ == "Conv1D" for n in conv1d)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert not _storages(net) & _storages(q)
+    with pytest.raises(dfmpc_fx.ConfigError, match="lm_head"):
+        dfmpc_fx.compress(net, target_bits=4.0)  # the float lm_head alone is above 4 bits/w of the model
+
+
+def test_default_budget_out_of_reach_for_float_layers_gives_the_rest_its_bits() -> None:
+    """With the tied lm_head in float, GPT-2 cannot reach 4 bits/w; the default budget (never
+    asked for) then gives the layers it covers 4 bits/w among themselves, not their smallest."""
+    net = _tiny_gpt2()
+    with pytest.warns(dfmpc_fx.DefaultBudgetWarning, match="layers it covers got 4 bits/w"):
+        q = dfmpc_fx.compress(net)
+    rep = get_report(q)
+    quantized = [r for r in rep.layers if r.bits is not None]
+    assert len(quantized) == 8 and len({r.bits for r in quantized}) > 1
+    covered = sum(r.numel for r in quantized)
+    weight_count = covered + net.lm_head.weight.numel()
+    covered_bits = rep.bits_per_weight * weight_count - 32 * net.lm_head.weight.numel()
+    assert 3.5 * covered < covered_bits <= 4.0 * covered + 1e-6
+
+
+def test_conv1d_with_its_own_forward_or_a_tied_weight_stays_float_with_a_reason() -> None:
+    transformers = pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    class Scaled(Conv1D):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * super().forward(x)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c, self.fc = Conv1D(16, 16), Scaled(16, 16), Conv1D(16, 16), nn.Linear(16, 4)
+            self.c.weight = self.a.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.relu(self.c(torch.relu(self.b(torch.relu(self.a(x)))))))
+
+    net = Net().eval()
+    q = dfmpc_fx.compress(net, low_bits=4, high_bits=6, default_bits=4)
+    rows = {r.name: r for r in get_report(q).layers}
+    for name in ("a", "b", "c"):
+        assert rows[name].bits is None and "Conv1D" in rows[name].reason, rows[name]
+    assert rows["fc"].bits is not None
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        assert q(x).shape == net(x).shape

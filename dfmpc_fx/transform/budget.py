@@ -188,14 +188,22 @@ def solve_widths(
         else:
             reach = f"target_bytes={math.ceil((smallest + fixed_other_bits) / 8)}"
         if cfg.budget_is_default:
-            # The user asked for no size: a tiny model (scales dominate, float layers) gets its
-            # smallest size with a warning instead of an error about a budget it never set.
+            # The user asked for no size, so no error about a budget they never set. Where layers
+            # kept in float (tied weights, skip_layers) put the model out of reach, the layers the
+            # budget covers get its bits per weight among themselves; where even that is out of
+            # reach (a tiny model whose scales dominate), every layer gets its smallest option.
+            covered = cfg.target_bits * sum(c.numel for c in costs)
+            if covered >= exc.smallest:
+                done = (f"the {len(costs)} layers it covers got {cfg.target_bits:g} bits/w among themselves "
+                        "(the float layers are not counted)")
+            else:
+                done = "every layer got its smallest option"
             note = (f"the default budget target_bits={cfg.target_bits:g} is below the smallest this model can be "
-                    f"made ({reach}): every layer got its smallest option; pass target_bits=... or a layout to choose")
+                    f"made ({reach}): {done}; pass target_bits=... or a layout to choose")
             warnings.warn(note, DefaultBudgetWarning, stacklevel=3)
             if notes is not None:
                 notes.append(note)
-            choice = allocate(costs, exc.smallest)
+            choice = allocate(costs, max(covered, exc.smallest))
         else:
             raise ConfigError(
                 f"the size budget cannot be reached: the smallest this model can be made with candidate_bits="

@@ -28,6 +28,7 @@ from ..config import LAYOUT_FIELDS, DFMPCConfig
 from ..errors import CompressedModelError, ConfigError, InvalidModelError, TraceError
 from .apply import apply_plans
 from .budget import BudgetChoice, DefaultBudgetWarning, choose_widths, layer_costs, reserve_input_factors, solve_widths
+from .hf_conv1d import is_hf_conv1d, with_linear_for_conv1d
 from .input_scaling import assign_input_scales
 from .modules import is_quant_module, quantized_layer_bits, quantized_layer_bytes, to_quant_module
 from .plan import BatchNormState, LayerInputs, LayerPlan, adds_bias, plan_layer, quantize_for
@@ -241,12 +242,8 @@ def _float_bytes(model: nn.Module) -> int:
 _KEPT_BY_PLAN = "kept in float by the bit plan (skip_layers, or default_bits=None)"
 _FUNCTIONAL = "weight used through a functional call (get_attr), kept in float"
 _NOT_REACHED = "not reached by forward"
-_HF_CONV1D = ("Hugging Face Conv1D (GPT-2's projection layer, its weight stored transposed) is not a "
-              "Conv1d/Conv2d/Linear: not quantized, kept in float, and not in bits_per_weight")
-
-
-def _is_hf_conv1d(mod: nn.Module) -> bool:
-    return type(mod).__name__ == "Conv1D" and type(mod).__module__.startswith("transformers.")
+_HF_CONV1D = ("Hugging Face Conv1D whose weight is tied or whose forward is its own: not compressed as a Linear "
+              "(see the CHANGELOG), kept in float, and not in bits_per_weight")
 
 
 def _unsupported_layer_reports(model: nn.Module, seen: set[str]) -> list[LayerReport]:
@@ -255,7 +252,7 @@ def _unsupported_layer_reports(model: nn.Module, seen: set[str]) -> list[LayerRe
     return [LayerReport(name=name, kind=type(mod).__name__, role="float", bits=None,
                         numel=mod.weight.numel(), reason=_HF_CONV1D)
             for name, mod in model.named_modules()
-            if name not in seen and _is_hf_conv1d(mod) and isinstance(getattr(mod, "weight", None), torch.Tensor)]
+            if name not in seen and is_hf_conv1d(mod) and isinstance(getattr(mod, "weight", None), torch.Tensor)]
 
 
 class _BareLayer(nn.Module):
@@ -345,17 +342,27 @@ def _example_kwargs(model: nn.Module, example_inputs: Any) -> Optional[dict[str,
     """Keyword inputs to trace ``model`` on (a Hugging Face model): ``example_inputs`` (a dict
     of keywords, or positional arguments matched to ``forward``'s parameters), else the
     model's own ``dummy_inputs``; None when there are none."""
+    params = inspect.signature(model.forward).parameters
     if isinstance(example_inputs, dict):
-        return dict(example_inputs)
-    if example_inputs is not None:
+        out = dict(example_inputs)
+    elif example_inputs is not None:
         args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-        names = [p for p in inspect.signature(model.forward).parameters][:len(args)]
-        return dict(zip(names, args)) if len(names) == len(args) else None
-    try:
-        dummy = getattr(model, "dummy_inputs", None)
-    except Exception:  # a property that fails for this configuration
-        return None
-    return dict(dummy) if isinstance(dummy, dict) and dummy else None
+        names = [p for p in params][:len(args)]
+        if len(names) != len(args):
+            return None
+        out = dict(zip(names, args))
+    else:
+        try:
+            dummy = getattr(model, "dummy_inputs", None)
+        except Exception:  # a property that fails for this configuration
+            return None
+        if not isinstance(dummy, dict) or not dummy:
+            return None
+        out = dict(dummy)
+    if "use_cache" in params and "use_cache" not in out:
+        # the graph only serves the analysis: a key/value cache object (DynamicCache) does not trace
+        out["use_cache"] = False
+    return out
 
 
 @dataclass
@@ -534,15 +541,22 @@ def compress(
     """
     if output not in ("graph", "module"):
         raise ConfigError(f"output must be 'graph' (a GraphModule) or 'module' (the model's own class), got {output!r}")
-    inner, wrapper_note = _unwrapped(model) if isinstance(model, nn.Module) else (model, None)
-    if wrapper_note is not None:
-        warnings.warn(wrapper_note, UserWarning, stacklevel=2)
+    inner, note = _unwrapped(model) if isinstance(model, nn.Module) else (model, None)
+    if note is not None:
+        warnings.warn(note, UserWarning, stacklevel=2)
+    else:
+        inner, converted = with_linear_for_conv1d(model) if isinstance(model, nn.Module) else (model, [])
+        if converted:
+            note = (f"{len(converted)} Hugging Face Conv1D layers ({', '.join(converted[:3])}"
+                    f"{', ...' if len(converted) > 3 else ''}) were compressed as nn.Linear (the same function, the "
+                    "weight transposed): the result holds Linear layers in their place")
+    if note is not None:
         result = compress(inner, config, concrete_args=concrete_args, leaf_modules=leaf_modules,
                           example_inputs=example_inputs, output=output, untraceable=untraceable, **overrides)
         stored = result.meta if isinstance(result, GraphModule) else None
         report = stored.get(REPORT_KEY) if stored is not None else getattr(result, REPORT_KEY, None)
         if isinstance(report, dict):
-            report.setdefault("warnings", []).append(wrapper_note)
+            report.setdefault("warnings", []).append(note)
         return result
     if untraceable not in ("auto", "parts", "raise"):
         raise ConfigError(f"untraceable must be 'auto', 'parts' or 'raise', got {untraceable!r}")
