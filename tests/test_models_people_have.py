@@ -698,3 +698,35 @@ def test_conv1d_with_its_own_forward_or_a_tied_weight_stays_float_with_a_reason(
     x = torch.randn(3, 16)
     with torch.no_grad():
         assert q(x).shape == net(x).shape
+
+
+def test_layers_inside_a_leaf_are_allocated_by_the_budget() -> None:
+    """fx keeps torch.nn containers such as nn.TransformerEncoder whole (one call). Under a
+    size budget their inner Linear layers are the allocator's too (plain rounding, no moments):
+    before, they were charged 32 bits/w while the allocator chose, then rounded at 8 bits, so
+    target_bits=4.0 was a ConfigError claiming 31.6 bits/w was the smallest reachable."""
+    torch.manual_seed(0)
+
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2)
+            self.head = nn.Linear(32, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.enc(x).mean(1))
+
+    net = Encoder().eval()
+    x = torch.randn(2, 7, 32)
+    for target in (3.0, 4.0):
+        q = dfmpc_fx.compress(net, target_bits=target, example_inputs=x)
+        rep = get_report(q)
+        inner = [r for r in rep.layers if r.name.startswith("enc.")]
+        assert len(inner) == 6 and all(r.bits is not None and r.bits <= 6 for r in inner)
+        assert all("width chosen by the size budget" in r.reason for r in inner)
+        assert rep.bits_per_weight <= target + 1e-9
+    with torch.no_grad():
+        assert rel(q(x), net(x)) < 0.5
+    # without a budget they keep plain rounding at default_bits
+    q = dfmpc_fx.compress(net, low_bits=4, high_bits=6, default_bits=5)
+    assert {r.bits for r in get_report(q).layers if r.name.startswith("enc.")} == {5}

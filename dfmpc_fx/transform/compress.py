@@ -297,22 +297,19 @@ def _account_all_layers(model: nn.Module, gm: GraphModule, reports: list[LayerRe
     return out + _unsupported_layer_reports(model, seen)
 
 
-def _quantize_inside_leaves(gm: GraphModule, seen: Iterable[str], cfg: DFMPCConfig, model: nn.Module) -> list[LayerReport]:
-    """Plain rounding (default bits, no compensation or BatchNorm correction) of the conv/linear
-    layers inside modules traced as one call (timm registers whole blocks such as NormFreeBlock
-    and MobileVitBlock as not traceable): their forward is opaque, so nothing is derived, but
-    their weights need not stay in float."""
-    if cfg.default_bits is None:
-        return []
+def _layers_inside_leaves(gm: GraphModule, seen: Iterable[str], model: nn.Module) -> list[tuple[str, str]]:
+    """``(qualified name, leaf name)`` of the conv/linear layers inside modules traced as one
+    call (timm registers whole blocks such as NormFreeBlock and MobileVitBlock as not traceable;
+    fx keeps ``torch.nn`` containers such as ``nn.TransformerEncoder`` whole), but tied ones."""
     seen = set(seen)
-    reports: list[LayerReport] = []
+    out: list[tuple[str, str]] = []
     called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
     holders = _WEIGHT_HOLDERS.get() or weight_holders(model)
     for leaf_name in sorted(called):
         leaf = gm.get_submodule(leaf_name)
         if isinstance(leaf, WEIGHTED_MODULES):
             continue
-        for sub_name, sub in list(leaf.named_modules()):
+        for sub_name, sub in leaf.named_modules():
             name = f"{leaf_name}.{sub_name}"
             if not sub_name or name in seen or not isinstance(sub, WEIGHTED_MODULES) or is_quant_module(sub):
                 continue
@@ -320,18 +317,50 @@ def _quantize_inside_leaves(gm: GraphModule, seen: Iterable[str], cfg: DFMPCConf
                 continue
             if len(holders.get(id(sub.weight), [])) > 1:
                 continue  # tied: left to _account_all_layers, which gives the reason
-            ref = sub.weight.detach()
-            qw = quantize_for(ref.float(), cfg.default_bits, cfg, role="default")
-            q = qw.dequantize().to(ref.dtype)
-            qw.scale, qw.zero_point = qw.scale.to(ref.dtype), qw.zero_point.to(ref.dtype)
-            bias = None if sub.bias is None else sub.bias.detach()
-            leaf.set_submodule(sub_name, to_quant_module(sub, q, bias, qw, "default"))
             seen.add(name)
-            reports.append(LayerReport(
-                name=name, kind=type(sub).__name__, role="default", bits=cfg.default_bits, numel=ref.numel(),
-                scheme=qw.scheme, weight_rel_error=float(torch.dist(q, ref) / torch.linalg.vector_norm(ref).clamp_min(1e-30)),
-                reason=f"inside {leaf_name!r}, traced as one call: plain rounding, no compensation"))
+            out.append((name, leaf_name))
+    return out
+
+
+def _inside_leaf_reason(leaf_name: str, budget: bool) -> str:
+    how = "width chosen by the size budget" if budget else "plain rounding at default_bits"
+    return f"inside {leaf_name!r}, traced as one call: {how}, no compensation or correction (no input moments)"
+
+
+def _quantize_inside_leaves(gm: GraphModule, inside: list[tuple[str, str]], cfg: DFMPCConfig) -> list[LayerReport]:
+    """Plain rounding (default bits, no compensation or BatchNorm correction) of the layers
+    ``inside`` leaf modules (:func:`_layers_inside_leaves`): their forward is opaque, so nothing
+    is derived, but their weights need not stay in float. (Under a size budget the allocator
+    chooses their widths instead: :func:`_leaf_layer_inputs`.)"""
+    if cfg.default_bits is None:
+        return []
+    reports: list[LayerReport] = []
+    for name, leaf_name in inside:
+        sub = gm.get_submodule(name)
+        ref = sub.weight.detach()
+        qw = quantize_for(ref.float(), cfg.default_bits, cfg, role="default")
+        q = qw.dequantize().to(ref.dtype)
+        qw.scale, qw.zero_point = qw.scale.to(ref.dtype), qw.zero_point.to(ref.dtype)
+        bias = None if sub.bias is None else sub.bias.detach()
+        gm.set_submodule(name, to_quant_module(sub, q, bias, qw, "default"))
+        reports.append(LayerReport(
+            name=name, kind=type(sub).__name__, role="default", bits=cfg.default_bits, numel=ref.numel(),
+            scheme=qw.scheme, weight_rel_error=float(torch.dist(q, ref) / torch.linalg.vector_norm(ref).clamp_min(1e-30)),
+            reason=_inside_leaf_reason(leaf_name, budget=False)))
     return reports
+
+
+def _leaf_layer_inputs(gm: GraphModule, name: str, leaf_name: str, cfg: DFMPCConfig) -> LayerInputs:
+    """A layer inside a leaf module as the allocator's: no input moments, no BatchNorm, no
+    pair (the leaf's forward is opaque), so it is scored and quantized without correction."""
+    layer = gm.get_submodule(name)
+    dtype = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
+    return LayerInputs(
+        name=name, kind=type(layer).__name__, role="budget", bits=max(cfg.candidate_bits),
+        weight=layer.weight.detach().to(dtype), bias=None if layer.bias is None else layer.bias.detach().to(dtype),
+        groups=getattr(layer, "groups", 1), in_moments=None, bn=None, bn_name=None, partner=None,
+        provenance=f"inside {leaf_name!r}, traced as one call",
+    )
 
 
 def _is_transformers_model(model: nn.Module) -> bool:
@@ -631,16 +660,24 @@ def compress(
 
     moments = estimate_moments(gm, cfg.input_mean, cfg.input_std) if cfg.method == "dfmpc" else MomentEstimate()
     weight_count = _weight_count(model)
+    inside = _layers_inside_leaves(gm, search.layers, model)
+    # under a size budget the layers inside leaves are the allocator's too (plain rounding)
+    leaf_inputs = [_leaf_layer_inputs(gm, name, leaf, cfg) for name, leaf in inside] if cfg.has_budget else []
     try:
-        plans = _plan_layers(gm, plan, search.layers, moments, cfg, report_warnings, weight_count, float_bytes)
+        plans = _plan_layers(gm, plan, search.layers, moments, cfg, report_warnings, weight_count, float_bytes,
+                             leaf_inputs)
     except ConfigError as exc:
         raise _naming_tied_layers(exc, list(tied)) from None
     apply_plans(gm, plans)
     layer_reports = [p.report for p in plans]
+    leaf_of = dict(inside)
     for r in layer_reports:
         if r.name in tied:
             r.reason = tied[r.name]
-    layer_reports += _quantize_inside_leaves(gm, search.layers, cfg, model)
+        elif r.name in leaf_of:
+            r.reason = _inside_leaf_reason(leaf_of[r.name], budget=True)
+    if not cfg.has_budget:
+        layer_reports += _quantize_inside_leaves(gm, inside, cfg)
     _own_every_tensor(gm, model)
     layer_reports = _account_all_layers(model, gm, layer_reports)
     gm.eval()
@@ -785,8 +822,12 @@ def _plan_under_budget(
     float_bytes: int,
     gains: dict[str, float],
     notes: list[str],
+    leaf_inputs: list[LayerInputs] = [],
 ) -> list[LayerPlan]:
+    """``leaf_inputs``: the layers inside leaf modules (:func:`_leaf_layer_inputs`), allocated
+    with the others and planned after them."""
     inputs = [_layer_inputs(name, modules, call_counts, first_node[name], plan, moments, None, cfg) for name in layers]
+    inputs += leaf_inputs
     quantizable = [inp for inp in inputs if inp.bits is not None]
     fixed_weight_bits = 32.0 * (weight_count - sum(inp.weight.numel() for inp in quantizable))
     # biases the corrections add, less BatchNorms folded into their layers (fold_batchnorm)
@@ -872,10 +913,11 @@ def _plan_layers(
     report_warnings: list[str],
     weight_count: int,
     float_bytes: int,
+    leaf_inputs: list[LayerInputs] = [],
 ) -> list[LayerPlan]:
     """One :class:`LayerPlan` per weighted layer, in graph order (a pair's scale reaches its
     partner before the partner is planned; under a size budget the allocator first chooses
-    every layer's width from the same inputs)."""
+    every layer's width from the same inputs, ``leaf_inputs`` included)."""
     modules = dict(gm.named_modules())
     call_counts: dict[str, int] = {}
     first_node: dict[str, Node] = {}
@@ -886,7 +928,7 @@ def _plan_layers(
     if cfg.has_budget:
         gains = output_noise_gains(gm, moments.moments)
         return _plan_under_budget(modules, call_counts, first_node, plan, layers, moments, cfg, weight_count, float_bytes, gains,
-                                  report_warnings)
+                                  report_warnings, leaf_inputs)
     incoming: dict[str, tuple[torch.Tensor, int]] = {}
     plans: list[LayerPlan] = []
     for name in layers:
