@@ -725,8 +725,54 @@ def test_layers_inside_a_leaf_are_allocated_by_the_budget() -> None:
         assert len(inner) == 6 and all(r.bits is not None and r.bits <= 6 for r in inner)
         assert all("width chosen by the size budget" in r.reason for r in inner)
         assert rep.bits_per_weight <= target + 1e-9
+        # the attention's in_proj_weight is no conv/linear layer: it stays float, and the report says so
+        assert any("MultiheadAttention, 3,072 weights" in w for w in rep.warnings), rep.warnings
     with torch.no_grad():
         assert rel(q(x), net(x)) < 0.5
     # without a budget they keep plain rounding at default_bits
     q = dfmpc_fx.compress(net, low_bits=4, high_bits=6, default_bits=5)
     assert {r.bits for r in get_report(q).layers if r.name.startswith("enc.")} == {5}
+
+
+def test_noise_gains_do_not_double_at_residual_adds_without_moments() -> None:
+    """After a leaf module no moments are known, so a residual add cannot weigh its branches by
+    variance. It now splits its gain in two (the shares sum to one, as with known variances).
+    Before, it gave both branches its full gain, which doubled the gain at every block: the stem
+    of a 12-block stack got 4096x the head's, and the layers inside the leaves got 1."""
+    from dfmpc_fx.graph.moments import estimate_moments
+    from dfmpc_fx.graph.sensitivity import output_noise_gains
+    from dfmpc_fx.graph.tracing import trace_model
+
+    class Opaque(nn.Module):  # declared a leaf: its output has no moments
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(self.fc(x))
+
+    class Stack(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Linear(16, 16)
+            self.blocks = nn.ModuleList(Opaque() for _ in range(12))
+            self.mlps = nn.ModuleList(nn.Linear(16, 16) for _ in range(12))
+            self.head = nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.stem(x)
+            for block, mlp in zip(self.blocks, self.mlps):
+                x = x + block(x)
+                x = x + mlp(x)
+            return self.head(x)
+
+    net = Stack().eval()
+    gm = trace_model(net, None, [Opaque])
+    gains = output_noise_gains(gm, estimate_moments(gm).moments)
+    assert gains["stem"] == pytest.approx(gains["head"])
+    assert gains["blocks.0"] > 0 and gains["mlps.11"] == pytest.approx(gains["head"] / 2)
+    # under a budget, the layers inside the leaves take their leaf's gain
+    q = dfmpc_fx.compress(net, target_bits=4.0, leaf_modules=[Opaque])
+    rows = {r.name: r for r in get_report(q).layers}
+    assert rows["blocks.3.fc"].noise_gain == pytest.approx(gains["blocks.3"])
+    assert "width chosen by the size budget" in rows["blocks.3.fc"].reason

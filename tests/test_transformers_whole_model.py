@@ -103,7 +103,9 @@ def test_eager_attention_context_takes_the_value_moments() -> None:
         return output_noise_gains(g, estimate_moments(g).moments)
 
     eager_gains, sdpa_gains = gains(model), gains(sdpa)
-    assert eager_gains == pytest.approx(sdpa_gains) and eager_gains["v"] > eager_gains["q"]
+    layers = ("q", "k", "v", "o")  # (the eager block has a softmax module the SDPA one does not)
+    assert [eager_gains[n] for n in layers] == pytest.approx([sdpa_gains[n] for n in layers])
+    assert eager_gains["v"] > eager_gains["q"]
     wrong = _EagerBlock(softmax_dim=-2).eval()
     gm = trace_with_example(wrong, {"x": torch.randn(2, 5, 16)})
     m, reason = layer_input_moments(gm, estimate_moments(gm))["o"]

@@ -5,7 +5,10 @@ what matters is the ratio that survives to the model's output. Walking the graph
 from the output, each op maps a relative noise at its input to one at its output:
 
 - a residual add of branches with variances ``V_a`` and ``V_b``: noise on one branch is
-  diluted by ``V_a / (V_a + V_b)`` (independent branches);
+  diluted by ``V_a / (V_a + V_b)`` (independent branches); where a variance is unknown (after a
+  leaf module, whose output has no moments), by 1/2. Passing the add's gain to both in full,
+  as before, doubled the gain at every residual block of such a stretch: 2^29 at the stem of
+  timm's convit_tiny, whose attention blocks are leaves;
 - ``scaled_dot_product_attention(q, k, v)``: the output is linear in ``v``; noise on ``q`` or
   ``k`` only reweights value rows, so they get ``QUERY_KEY_GAIN`` of ``v``'s share (the three
   shares sum to one: q, k, v projected from one tensor pass that tensor's gain on unchanged);
@@ -64,8 +67,9 @@ def _mean_var(m: Optional[ChannelMoments]) -> Optional[float]:
 
 
 def output_noise_gains(gm: GraphModule, moments: dict[str, Optional[ChannelMoments]]) -> dict[str, float]:
-    """``{layer name: gain}``: the share of a relative noise at the layer's output that reaches
-    the model's output (see the module docstring). ``moments`` are
+    """``{module name: gain}``: the share of a relative noise at the output of each conv/linear
+    layer, and of each other module called once (a leaf: the layers inside it take its gain),
+    that reaches the model's output (see the module docstring). ``moments`` are
     :func:`dfmpc_fx.graph.moments.propagate_moments`'s estimates."""
     modules = dict(gm.named_modules())
     nodes = list(gm.graph.nodes)
@@ -101,8 +105,15 @@ def output_noise_gains(gm: GraphModule, moments: dict[str, Optional[ChannelMomen
                 if va is not None and vb is not None and va + vb > 0:
                     gain[inputs[0]] += g * va / (va + vb)
                     gain[inputs[1]] += g * vb / (va + vb)
-                    continue
+                else:
+                    gain[inputs[0]] += g / 2
+                    gain[inputs[1]] += g / 2
+                continue
         for x in inputs:
             gain[x] += g
-    return {str(n.target): gain[n] for n in nodes
-            if n.op == "call_module" and isinstance(modules[str(n.target)], WEIGHTED_MODULES)}
+    calls: dict[str, int] = {}
+    for n in nodes:
+        if n.op == "call_module":
+            calls[str(n.target)] = calls.get(str(n.target), 0) + 1
+    return {str(n.target): gain[n] for n in nodes if n.op == "call_module"
+            and (isinstance(modules[str(n.target)], WEIGHTED_MODULES) or calls[str(n.target)] == 1)}

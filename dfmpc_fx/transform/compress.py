@@ -297,6 +297,22 @@ def _account_all_layers(model: nn.Module, gm: GraphModule, reports: list[LayerRe
     return out + _unsupported_layer_reports(model, seen)
 
 
+def _other_float_matrices(model: nn.Module) -> Optional[str]:
+    """A report note naming the weight matrices that are not conv/linear layers and so stay
+    float (``nn.MultiheadAttention``'s ``in_proj_weight``, recurrent layers, embeddings): they
+    are in the model's bytes but neither quantized nor in ``bits_per_weight``."""
+    found = [(name, type(mod).__name__, sum(p.numel() for p in mod._parameters.values() if p is not None and p.dim() >= 2))
+             for name, mod in model.named_modules()
+             if not isinstance(mod, WEIGHTED_MODULES) and not is_hf_conv1d(mod)
+             and any(p is not None and p.dim() >= 2 for p in mod._parameters.values())]
+    if not found:
+        return None
+    shown = ", ".join(f"{n or type(model).__name__} ({kind}, {k:,} weights)" for n, kind, k in found[:4])
+    more = f" and {len(found) - 4} more" if len(found) > 4 else ""
+    return (f"{sum(k for _, _, k in found):,} weights in matrices that are not Conv1d/Conv2d/Linear layers stay "
+            f"float (counted in the bytes, not in bits_per_weight): {shown}{more}")
+
+
 def _layers_inside_leaves(gm: GraphModule, seen: Iterable[str], model: nn.Module) -> list[tuple[str, str]]:
     """``(qualified name, leaf name)`` of the conv/linear layers inside modules traced as one
     call (timm registers whole blocks such as NormFreeBlock and MobileVitBlock as not traceable;
@@ -510,6 +526,9 @@ def _compress_by_parts(model: nn.Module, cfg: DFMPCConfig, leaf_modules: tuple, 
             reports.insert(order[name], LayerReport(name=name, kind=type(mod).__name__, role="float", bits=None,
                                                     numel=mod.weight.numel(), reason="in no part that traces"))
     reports += _unsupported_layer_reports(model, {r.name for r in reports})
+    other = _other_float_matrices(model)
+    if other is not None:
+        report_warnings.append(other)
     float_bytes = _float_bytes(model)
     report = CompressionReport(
         config=cfg.to_dict(), layers=reports, pairs=pairs, excluded_pairs=excluded, refusals=refusals,
@@ -680,6 +699,9 @@ def compress(
         layer_reports += _quantize_inside_leaves(gm, inside, cfg)
     _own_every_tensor(gm, model)
     layer_reports = _account_all_layers(model, gm, layer_reports)
+    other = _other_float_matrices(model)
+    if other is not None:
+        report_warnings.append(other)
     gm.eval()
     compressed_bytes = _compressed_bytes(gm)
     bits_per_weight = _bits_per_weight(gm, weight_count)
@@ -927,6 +949,10 @@ def _plan_layers(
             first_node.setdefault(str(node.target), node)
     if cfg.has_budget:
         gains = output_noise_gains(gm, moments.moments)
+        for inp in leaf_inputs:  # a layer inside a leaf takes the leaf's gain
+            leaf = max((k for k in gains if inp.name.startswith(k + ".")), key=len, default=None)
+            if leaf is not None:
+                gains.setdefault(inp.name, gains[leaf])
         return _plan_under_budget(modules, call_counts, first_node, plan, layers, moments, cfg, weight_count, float_bytes, gains,
                                   report_warnings, leaf_inputs)
     incoming: dict[str, tuple[torch.Tensor, int]] = {}
