@@ -657,6 +657,20 @@ def test_hugging_face_conv1d_is_compressed_as_linear() -> None:
         dfmpc_fx.compress(net, target_bits=4.0)  # the float lm_head alone is above 4 bits/w of the model
 
 
+def test_bare_conv1d_comes_back_as_its_compressed_linear() -> None:
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    layer = Conv1D(8, 16).eval()
+    x = torch.randn(3, 16)
+    q = dfmpc_fx.compress(layer, BITS16)
+    assert isinstance(q, nn.Linear) and type(layer).__name__ == "Conv1D"
+    with torch.no_grad():
+        assert rel(q(x), layer(x)) < 1e-4
+    assert any("(the model)" in w for w in get_report(q).warnings)
+
+
 def test_default_budget_out_of_reach_for_float_layers_gives_the_rest_its_bits() -> None:
     """With the tied lm_head in float, GPT-2 cannot reach 4 bits/w; the default budget (never
     asked for) then gives the layers it covers 4 bits/w among themselves, not their smallest."""

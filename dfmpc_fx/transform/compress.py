@@ -595,7 +595,7 @@ def compress(
     else:
         inner, converted = with_linear_for_conv1d(model) if isinstance(model, nn.Module) else (model, [])
         if converted:
-            note = (f"{len(converted)} Hugging Face Conv1D layers ({', '.join(converted[:3])}"
+            note = (f"{len(converted)} Hugging Face Conv1D layers ({', '.join(n or '(the model)' for n in converted[:3])}"
                     f"{', ...' if len(converted) > 3 else ''}) were compressed as nn.Linear (the same function, the "
                     "weight transposed): the result holds Linear layers in their place")
     if note is not None:

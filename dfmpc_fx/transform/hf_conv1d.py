@@ -47,6 +47,8 @@ def with_linear_for_conv1d(model: nn.Module) -> tuple[nn.Module, list[str]]:
     names = [name for name, mod in model.named_modules() if is_hf_conv1d(mod) and _convertible(mod, holders)]
     if not names:
         return model, []
+    if names == [""]:  # the model is a bare Conv1D
+        return _as_linear(model), names
     work = structural_copy(model)
     for name in names:
         work.set_submodule(name, _as_linear(work.get_submodule(name)))
