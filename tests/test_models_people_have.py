@@ -655,6 +655,12 @@ def test_hugging_face_conv1d_is_compressed_as_linear() -> None:
     assert not _storages(net) & _storages(q)
     with pytest.raises(dfmpc_fx.ConfigError, match="lm_head"):
         dfmpc_fx.compress(net, target_bits=4.0)  # the float lm_head alone is above 4 bits/w of the model
+    # part by part too, the tie holds (a part owns the copy's tensors: no second copy unties it)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = dfmpc_fx.compress(net, BITS16, untraceable="parts")
+    assert q.lm_head.weight is q.transformer.wte.weight and not _storages(net) & _storages(q)
+    assert all(isinstance(q.get_submodule(n), nn.Linear) for n in conv1d)
 
 
 def test_bare_conv1d_comes_back_as_its_compressed_linear() -> None:

@@ -303,8 +303,8 @@ def _other_float_matrices(model: nn.Module) -> Optional[str]:
     are in the model's bytes but neither quantized nor in ``bits_per_weight``."""
     found = [(name, type(mod).__name__, sum(p.numel() for p in mod._parameters.values() if p is not None and p.dim() >= 2))
              for name, mod in model.named_modules()
-             if not isinstance(mod, WEIGHTED_MODULES) and not is_hf_conv1d(mod)
-             and any(p is not None and p.dim() >= 2 for p in mod._parameters.values())]
+             if not isinstance(mod, (*WEIGHTED_MODULES, torch.nn.utils.parametrize.ParametrizationList))
+             and not is_hf_conv1d(mod) and any(p is not None and p.dim() >= 2 for p in mod._parameters.values())]
     if not found:
         return None
     shown = ", ".join(f"{n or type(model).__name__} ({kind}, {k:,} weights)" for n, kind, k in found[:4])
@@ -697,7 +697,10 @@ def compress(
             r.reason = _inside_leaf_reason(leaf_of[r.name], budget=True)
     if not cfg.has_budget:
         layer_reports += _quantize_inside_leaves(gm, inside, cfg)
-    _own_every_tensor(gm, model)
+    if _WEIGHT_HOLDERS.get() is None:
+        # (part by part, ``model`` is a part of the copy _compress_by_parts made: it owns its
+        # tensors, and a copy here would untie a layer of this part from a module outside it)
+        _own_every_tensor(gm, model)
     layer_reports = _account_all_layers(model, gm, layer_reports)
     other = _other_float_matrices(model)
     if other is not None:
