@@ -36,7 +36,7 @@ from ..graph.moments import MomentEstimate, estimate_moments
 from ..graph.sensitivity import output_noise_gains
 from ..graph.pairs import BATCHNORM_MODULES, WEIGHTED_MODULES, _consumers, search_graph
 from ..graph.ties import tied_layers, weight_holders
-from .report import REPORT_KEY, CompressionReport, LayerReport, get_report
+from .report import REPORT_KEY, CompressionReport, LayerReport, get_report, stored_report
 from ..graph.tracing import LeafSpec, structural_copy, trace_model, trace_with_example
 
 __all__ = ["compress", "swap_compressed_modules", "NoCompensablePairWarning", "DefaultBudgetWarning"]
@@ -266,7 +266,8 @@ class _BareLayer(nn.Module):
         return self.layer(x)
 
 
-def _account_all_layers(model: nn.Module, gm: GraphModule, reports: list[LayerReport]) -> list[LayerReport]:
+def _account_all_layers(model: nn.Module, gm: GraphModule, reports: list[LayerReport],
+                        holders: dict[int, list[str]]) -> list[LayerReport]:
     """One report per conv/linear module of ``model``: the layers ``compress`` saw (in graph
     order), then those it could not (weight read via ``get_attr``, inside a declared leaf,
     never called), kept in float with the reason, in module order."""
@@ -280,7 +281,7 @@ def _account_all_layers(model: nn.Module, gm: GraphModule, reports: list[LayerRe
     modules = dict(model.named_modules())
     unseen = [name for name, mod in modules.items() if name not in seen and isinstance(mod, WEIGHTED_MODULES)
               and isinstance(getattr(mod, "weight", None), torch.Tensor)]
-    tied = tied_layers(modules, unseen, _WEIGHT_HOLDERS.get() or weight_holders(model))
+    tied = tied_layers(modules, unseen, holders)
     for name in unseen:
         mod = modules[name]
         leaf = next((c for c in called if name.startswith(c + ".")), None)
@@ -313,14 +314,13 @@ def _other_float_matrices(model: nn.Module) -> Optional[str]:
             f"float (counted in the bytes, not in bits_per_weight): {shown}{more}")
 
 
-def _layers_inside_leaves(gm: GraphModule, seen: Iterable[str], model: nn.Module) -> list[tuple[str, str]]:
+def _layers_inside_leaves(gm: GraphModule, seen: Iterable[str], holders: dict[int, list[str]]) -> list[tuple[str, str]]:
     """``(qualified name, leaf name)`` of the conv/linear layers inside modules traced as one
     call (timm registers whole blocks such as NormFreeBlock and MobileVitBlock as not traceable;
     fx keeps ``torch.nn`` containers such as ``nn.TransformerEncoder`` whole), but tied ones."""
     seen = set(seen)
     out: list[tuple[str, str]] = []
     called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
-    holders = _WEIGHT_HOLDERS.get() or weight_holders(model)
     for leaf_name in sorted(called):
         leaf = gm.get_submodule(leaf_name)
         if isinstance(leaf, WEIGHTED_MODULES):
@@ -370,10 +370,9 @@ def _leaf_layer_inputs(gm: GraphModule, name: str, leaf_name: str, cfg: DFMPCCon
     """A layer inside a leaf module as the allocator's: no input moments, no BatchNorm, no
     pair (the leaf's forward is opaque), so it is scored and quantized without correction."""
     layer = gm.get_submodule(name)
-    dtype = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
+    ref, bias = _working_weight_and_bias(layer)
     return LayerInputs(
-        name=name, kind=type(layer).__name__, role="budget", bits=max(cfg.candidate_bits),
-        weight=layer.weight.detach().to(dtype), bias=None if layer.bias is None else layer.bias.detach().to(dtype),
+        name=name, kind=type(layer).__name__, role="budget", bits=max(cfg.candidate_bits), weight=ref, bias=bias,
         groups=getattr(layer, "groups", 1), in_moments=None, bn=None, bn_name=None, partner=None,
         provenance=f"inside {leaf_name!r}, traced as one call",
     )
@@ -601,9 +600,8 @@ def compress(
     if note is not None:
         result = compress(inner, config, concrete_args=concrete_args, leaf_modules=leaf_modules,
                           example_inputs=example_inputs, output=output, untraceable=untraceable, **overrides)
-        stored = result.meta if isinstance(result, GraphModule) else None
-        report = stored.get(REPORT_KEY) if stored is not None else getattr(result, REPORT_KEY, None)
-        if isinstance(report, dict):
+        report = stored_report(result)
+        if report is not None:
             report.setdefault("warnings", []).append(note)
         return result
     if untraceable not in ("auto", "parts", "raise"):
@@ -669,7 +667,8 @@ def compress(
             f"{type(model).__name__} has no Conv1d/Conv2d/Linear module reached by its forward: nothing to quantize"
         )
     modules = dict(gm.named_modules())
-    tied = tied_layers(modules, search.layers, _WEIGHT_HOLDERS.get() or weight_holders(model))
+    holders = _WEIGHT_HOLDERS.get() or weight_holders(model)  # every parameter's holders, for ties
+    tied = tied_layers(modules, search.layers, holders)
     plan = budget_roles(search, cfg, tied) if cfg.has_budget else assign_bits(search, cfg, tied)
     if not plan.active_pairs and not cfg.has_budget:
         msg = (f"{type(model).__name__} has no compensable pair ({len(search.refusals)} candidates refused: "
@@ -679,7 +678,7 @@ def compress(
 
     moments = estimate_moments(gm, cfg.input_mean, cfg.input_std) if cfg.method == "dfmpc" else MomentEstimate()
     weight_count = _weight_count(model)
-    inside = _layers_inside_leaves(gm, search.layers, model)
+    inside = _layers_inside_leaves(gm, search.layers, holders)
     # under a size budget the layers inside leaves are the allocator's too (plain rounding)
     leaf_inputs = [_leaf_layer_inputs(gm, name, leaf, cfg) for name, leaf in inside] if cfg.has_budget else []
     try:
@@ -701,7 +700,7 @@ def compress(
         # (part by part, ``model`` is a part of the copy _compress_by_parts made: it owns its
         # tensors, and a copy here would untie a layer of this part from a module outside it)
         _own_every_tensor(gm, model)
-    layer_reports = _account_all_layers(model, gm, layer_reports)
+    layer_reports = _account_all_layers(model, gm, layer_reports, holders)
     other = _other_float_matrices(model)
     if other is not None:
         report_warnings.append(other)
@@ -739,6 +738,13 @@ def compress(
     return result
 
 
+def _working_weight_and_bias(layer: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """A layer's weight and bias in the dtype plans compute in (float64 stays, anything else is
+    float32)."""
+    dtype = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
+    return layer.weight.detach().to(dtype), None if layer.bias is None else layer.bias.detach().to(dtype)
+
+
 def _layer_inputs(
     name: str,
     modules: dict[str, nn.Module],
@@ -753,9 +759,8 @@ def _layer_inputs(
     and its float weight with the scale its predecessor in a pair handed over (``incoming``)."""
     layer = modules[name]
     groups = getattr(layer, "groups", 1)
-    dtype = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
-    ref = layer.weight.detach().to(dtype)
-    bias = layer.bias.detach().to(dtype) if layer.bias is not None else None
+    ref, bias = _working_weight_and_bias(layer)
+    dtype = ref.dtype
     in_m: Optional[ChannelMoments] = None
     mean_trusted = True
     if cfg.method == "dfmpc":

@@ -127,16 +127,23 @@ class CompressionReport:
         return "\n".join(lines) + "\n"
 
 
+def stored_report(qmodel: nn.Module) -> Optional[dict[str, Any]]:
+    """The report dict :func:`dfmpc_fx.compress` stored on ``qmodel`` (itself, not a copy), or
+    None: in a GraphModule's ``meta``, else as an attribute (a module returned by
+    ``compress(..., output="module")``, or a compressed bare layer)."""
+    meta = getattr(qmodel, "meta", None)
+    if isinstance(meta, dict) and REPORT_KEY in meta:
+        return meta[REPORT_KEY]
+    stored = getattr(qmodel, REPORT_KEY, None)
+    return stored if isinstance(stored, dict) else None
+
+
 def get_report(qmodel: nn.Module) -> CompressionReport:
     """The :class:`CompressionReport` that :func:`dfmpc_fx.compress` stored on ``qmodel``."""
-    meta = getattr(qmodel, "meta", None)
-    if not isinstance(meta, dict) or REPORT_KEY not in meta:
-        # a module returned by compress(..., output="module"), or a compressed bare layer
-        meta = getattr(qmodel, REPORT_KEY, None)
-        meta = {REPORT_KEY: meta} if isinstance(meta, dict) else None
-    if meta is None:
+    stored = stored_report(qmodel)
+    if stored is None:
         raise DFMPCError(
             f"{type(qmodel).__name__} carries no DF-MPC report: pass the GraphModule returned by "
             "dfmpc_fx.compress (or one loaded with dfmpc_fx.load)"
         )
-    return CompressionReport.from_dict(meta[REPORT_KEY])
+    return CompressionReport.from_dict(stored)
